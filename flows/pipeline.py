@@ -1,0 +1,136 @@
+"""The Kiln pipeline as a Prefect flow: data -> vae -> latents -> pretrain rungs (each followed by eval).
+
+Every stage is a Prefect task tagged `gpu` and an MLflow child run nested in the pipeline's parent run. A stage
+whose output folder already holds a manifest with the same cache key (same stage config, same input content,
+same code) is skipped, and its MLflow run points at the run that produced it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from kiln.config import KilnConfig, config_from_dict, load_config
+from kiln.stage_io import cache_key, read_stage_manifest, write_stage_manifest
+from kiln.tracking import start_run
+
+# Which config sections each stage depends on (its cache key covers only these).
+STAGE_SECTIONS = {
+    "data": ("seed", "data", "text_encoder", "train.rungs.resolution", "sampler.negative_prompt"),
+    "vae": ("seed", "vae"),
+    "latents": ("vae",),
+    "pretrain": ("seed", "model", "objective", "scheduler", "train", "text_encoder"),
+    "eval": ("eval", "sampler", "scheduler"),
+}
+
+
+def _stage_config(cfg: KilnConfig, kind: str, rung_index: int | None) -> dict:
+    tree = cfg.model_dump(mode="json")
+    out = {}
+    for section in STAGE_SECTIONS[kind]:
+        if section == "train.rungs.resolution":
+            out[section] = [r["resolution"] for r in tree["train"]["rungs"]]
+        elif section == "sampler.negative_prompt":
+            out[section] = tree["sampler"]["negative_prompt"]
+        elif section == "train" and rung_index is not None:
+            out[section] = {**tree["train"], "rungs": tree["train"]["rungs"][rung_index]}
+        else:
+            out[section] = tree[section]
+    return out
+
+
+@task(name="stage", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="{name}")
+def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str, parent_run_id: str | None,
+               rung_index: int | None = None) -> str:
+    """Run one stage (or skip it when its output is current) inside its own MLflow child run."""
+    cfg = config_from_dict(cfg_tree)
+    out_dir = Path(run_root) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    input_hashes = {}
+    for key, path in inputs.items():
+        if path is None:
+            continue
+        manifest = read_stage_manifest(Path(path))
+        if manifest is None:
+            raise FileNotFoundError(f"{name}: input '{key}' at {path} has no manifest.json (its stage did not finish)")
+        input_hashes[key] = manifest["content_hash"]
+    key = cache_key(kind, _stage_config(cfg, kind, rung_index), input_hashes)
+    tags = {"kiln.stage": name, "kiln.cache_key": key, "kiln.pipeline_run": Path(run_root).name}
+    existing = read_stage_manifest(out_dir)
+    tracker = start_run(cfg.experiment, name, parent_run_id, tags) if parent_run_id else None
+    from kiln.tracking import Tracker
+
+    tracker = tracker or Tracker(None)
+    if existing and existing.get("cache_key") == key:
+        tracker.set_tags({"kiln.skipped": "true", "kiln.produced_by": existing.get("mlflow_run_id", "")})
+        tracker.log_metrics({k: v for k, v in existing.get("metrics", {}).items() if isinstance(v, (int, float))})
+        tracker.end()
+        return str(out_dir)
+    tracker.log_params(cfg.model_dump(mode="json"))
+    tracker.set_tags({"kiln.output": str(out_dir.resolve())})
+    module = importlib.import_module(f"stages.{kind}")
+    started = time.time()
+    try:
+        extra = {"rung_index": rung_index} if rung_index is not None else {}
+        result = module.run(cfg, inputs, out_dir, tracker, **extra)
+    except BaseException:
+        tracker.end("FAILED" if tracker else "FAILED")
+        raise
+    seconds = time.time() - started
+    tracker.log_metrics({"stage_seconds": seconds})
+    write_stage_manifest(
+        out_dir, stage=name, cache_key=key, config=cfg.model_dump(mode="json"),
+        inputs={k: str(Path(v).resolve()) for k, v in inputs.items() if v is not None},
+        input_hashes=input_hashes, content_hash=result.content_hash, metrics=result.metrics,
+        mlflow_run_id=tracker.run_id, seconds=seconds,
+    )
+    tracker.end()
+    return str(out_dir)
+
+
+def default_run_name(cfg: KilnConfig) -> str:
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@flow(name="kiln-pipeline", log_prints=True)
+def pipeline(preset: str = "tiny", overrides: list[str] | None = None, run_name: str | None = None,
+             track: bool = True) -> dict:
+    """Run the whole pipeline; returns {stage name: output folder}."""
+    cfg = load_config(preset, overrides or [])
+    run_name = run_name or default_run_name(cfg)
+    run_root = Path(cfg.run_dir) / run_name
+    run_root.mkdir(parents=True, exist_ok=True)
+    tree = cfg.model_dump(mode="json")
+    parent = start_run(cfg.experiment, run_name, tags={"kiln.pipeline_run": run_name, "kiln.preset": preset}) \
+        if track else None
+    parent_id = parent.run_id if parent else None
+    if parent:
+        parent.log_params(tree)
+    outputs: dict[str, str] = {}
+    try:
+        common = dict(cfg_tree=tree, run_root=str(run_root), parent_run_id=parent_id)
+        outputs["data"] = stage_task("data", "data", inputs={}, **common)
+        outputs["vae"] = stage_task("vae", "vae", inputs={"data": outputs["data"]}, **common)
+        outputs["latents"] = stage_task("latents", "latents",
+                                        inputs={"data": outputs["data"], "vae": outputs["vae"]}, **common)
+        previous = None
+        for i, rung in enumerate(cfg.train.rungs):
+            name = f"pretrain-{rung.resolution}"
+            outputs[name] = stage_task(name, "pretrain", rung_index=i, **common,
+                                       inputs={"latents": outputs["latents"], "vae": outputs["vae"], "init": previous})
+            outputs[f"eval-{name}"] = stage_task(f"eval-{name}", "eval", inputs={"model": outputs[name]}, **common)
+            previous = outputs[name]
+    except BaseException:
+        if parent:
+            parent.end("FAILED")
+        raise
+    if parent:
+        final_eval = read_stage_manifest(Path(outputs[f"eval-pretrain-{cfg.train.rungs[-1].resolution}"]))
+        parent.log_metrics(final_eval.get("metrics", {}))
+        parent.set_tags({"kiln.run_dir": str(run_root.resolve())})
+        parent.end()
+    return outputs

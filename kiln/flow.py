@@ -1,0 +1,103 @@
+"""Rectified flow (the objective Qwen-Image trains with), plus the latent packing its transformer reads.
+
+x_t = (1 - t) * x0 + t * noise, target velocity v = noise - x0, t ~ logit-normal then shifted toward noise by the
+same resolution-dependent exponential shift Qwen-Image's scheduler applies at sampling time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, C * 4): 2x2 latent patches as tokens, QwenImagePipeline's layout."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, C * 4) -> (B, C, h, w); h, w are latent sizes."""
+    b, _, d = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
+    return x.reshape(b, d // 4, h, w)
+
+
+def calculate_shift(image_seq_len: int, sched) -> float:
+    """mu grows linearly with the number of image tokens (diffusers' calculate_shift with Qwen-Image's values)."""
+    slope = (sched.max_shift - sched.base_shift) / (sched.max_image_seq_len - sched.base_image_seq_len)
+    return sched.base_shift + slope * (image_seq_len - sched.base_image_seq_len)
+
+
+def time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
+    """Exponential time shift: t' = e^mu / (e^mu + 1/t - 1); mu > 0 moves t toward noise."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
+def sample_timesteps(batch: int, image_seq_len: int, objective, sched, generator=None, device="cpu") -> torch.Tensor:
+    """(B,) training timesteps: logit-normal, then the resolution-dependent shift."""
+    normal = torch.randn(batch, generator=generator, device=device) * objective.logit_std + objective.logit_mean
+    t = torch.sigmoid(normal).clamp(1e-5, 1 - 1e-5)
+    return time_shift(calculate_shift(image_seq_len, sched), t)
+
+
+def predict_velocity(model, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, grid):
+    """The only place that calls the backbone. x: (B, N, C*4) tokens, t: (B,) in [0, 1], text: (B, L, D),
+    mask: (B, L), grid: (h/2, w/2) token grid of this batch (MSRoPE reads one shape per batch)."""
+    img_shapes = [[(1, grid[0], grid[1])]] * x.shape[0]
+    return model(
+        hidden_states=x,
+        encoder_hidden_states=text,
+        encoder_hidden_states_mask=mask,
+        timestep=t.to(x.dtype),
+        img_shapes=img_shapes,
+        return_dict=False,
+    )[0]
+
+
+def drop_captions(text, mask, null_text, null_mask, p: float, generator=None):
+    """Replace a fraction p of captions with the empty caption's embedding (for classifier-free guidance)."""
+    if p <= 0:
+        return text, mask
+    b, length, _ = text.shape
+    drop = torch.rand(b, generator=generator, device=text.device) < p  # (B,)
+    if not drop.any():
+        return text, mask
+    null_len = null_text.shape[0]
+    if null_len > length:  # pad the batch so the empty caption fits
+        text = torch.nn.functional.pad(text, (0, 0, 0, null_len - length))
+        mask = torch.nn.functional.pad(mask, (0, null_len - length))
+        length = null_len
+    null_full = torch.zeros(length, text.shape[-1], device=text.device, dtype=text.dtype)
+    null_full[:null_len] = null_text
+    null_mask_full = torch.zeros(length, dtype=torch.bool, device=text.device)
+    null_mask_full[:null_len] = null_mask
+    text = torch.where(drop[:, None, None], null_full, text)
+    mask = torch.where(drop[:, None], null_mask_full, mask)
+    return text, mask
+
+
+def flow_matching_loss(model, latents, text, mask, objective, sched, generator=None):
+    """latents: (B, C, h, w) normalised x0. Returns (mean loss, per-sample loss (B,), t (B,))."""
+    b, _, h, w = latents.shape
+    x0 = pack(latents)  # (B, N, C*4)
+    t = sample_timesteps(b, x0.shape[1], objective, sched, generator, latents.device)  # (B,)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    target = noise - x0
+    pred = predict_velocity(model, x_t, t, text, mask, (h // 2, w // 2))
+    per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2))  # (B,)
+    return per_sample.mean(), per_sample, t
+
+
+def loss_by_bucket(per_sample: torch.Tensor, t: torch.Tensor, buckets: int) -> dict[int, tuple[float, int]]:
+    """Sum and count of the loss per timestep bucket [i/buckets, (i+1)/buckets): a cheap, telling diagnostic."""
+    index = (t * buckets).long().clamp(max=buckets - 1)
+    out = {}
+    for i in range(buckets):
+        sel = index == i
+        if sel.any():
+            out[i] = (per_sample[sel].sum().item(), int(sel.sum()))
+    return out

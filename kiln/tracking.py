@@ -1,0 +1,111 @@
+"""MLflow tracking with explicit run ids (MLflow's active run is thread-local and lost in child processes).
+
+A Tracker is one MLflow run; `Tracker(None)` logs nothing, so stages run without MLflow too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+class Tracker:
+    def __init__(self, run_id: str | None = None):
+        self.run_id = run_id
+        self.client = _client() if run_id else None
+
+    def __bool__(self) -> bool:
+        return self.run_id is not None
+
+    def log_params(self, params: dict) -> None:
+        if not self:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict) -> None:
+        for key, value in tags.items():
+            if self:
+                self.client.set_tag(self.run_id, key, str(value))
+
+    def log_image(self, image, key: str, step: int = 0) -> None:
+        if self:
+            self.client.log_image(self.run_id, image, key=key, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        if self:
+            self.client.log_dict(self.run_id, data, name)
+
+    def log_table(self, rows: list[dict], name: str) -> None:
+        if self and rows:
+            import pandas as pd
+
+            self.client.log_table(self.run_id, pd.DataFrame(rows), name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self:
+            self.client.set_terminated(self.run_id, status)
+
+
+def experiment_id(name: str) -> str:
+    client = _client()
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
+
+
+def start_run(experiment: str, run_name: str, parent_run_id: str | None = None, tags: dict | None = None) -> Tracker:
+    """Create a run (nested under parent_run_id when given) and return its Tracker."""
+    tags = dict(tags or {})
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    run = _client().create_run(experiment_id(experiment), run_name=run_name, tags=tags)
+    return Tracker(run.info.run_id)
+
+
+def tracking_uri() -> str:
+    """MLflow's own default (sqlite:///mlflow.db in the working directory) unless MLFLOW_TRACKING_URI is set."""
+    import mlflow
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+
+__all__ = ["Tracker", "start_run", "experiment_id", "flatten", "tracking_uri", "tempfile"]

@@ -1,0 +1,51 @@
+"""diffusers' AutoencoderKLQwenImage (8x spatial compression) and the latent normalisation Qwen-Image uses.
+
+Latents the transformer sees are normalised per channel: z_norm = (z - mean) / std, with mean/std stored in the
+VAE's own config (latents_mean / latents_std), exactly as QwenImagePipeline undoes them before decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLQwenImage
+
+
+def build_vae(cfg) -> AutoencoderKLQwenImage:
+    """From a VaeConfig: load the pretrained one it names, or build a fresh small one to train."""
+    if cfg.pretrained:
+        kwargs = {"subfolder": cfg.subfolder} if cfg.subfolder else {}
+        return AutoencoderKLQwenImage.from_pretrained(cfg.pretrained, **kwargs)
+    if len(cfg.dim_mult) != 4:
+        raise ValueError(f"vae.dim_mult must have 4 entries (8x compression), got {cfg.dim_mult}")
+    return AutoencoderKLQwenImage(
+        base_dim=cfg.base_dim,
+        z_dim=cfg.z_dim,
+        dim_mult=list(cfg.dim_mult),
+        num_res_blocks=cfg.num_res_blocks,
+        temperal_downsample=[False, False, False],  # images only: no temporal compression
+        latents_mean=[0.0] * cfg.z_dim,
+        latents_std=[1.0] * cfg.z_dim,
+    )
+
+
+def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(vae.config.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+    return mean, std
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+    """images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8)."""
+    dist = vae.encode(images[:, :, None].to(vae.dtype)).latent_dist  # the VAE is 3D: (B, 3, T=1, H, W)
+    z = (dist.sample() if sample else dist.mode())[:, :, 0].float()  # (B, C, h, w)
+    mean, std = _stats(vae, z)
+    return (z - mean) / std
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w) in [-1, 1]."""
+    mean, std = _stats(vae, latents)
+    z = latents * std + mean
+    return vae.decode(z[:, :, None].to(vae.dtype)).sample[:, :, 0].float().clamp(-1, 1)

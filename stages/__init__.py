@@ -1,0 +1,1 @@
+"""Pipeline stages: plain functions `run(config, inputs, out_dir, tracker) -> StageResult`. No Prefect here."""

@@ -1,0 +1,41 @@
+"""Small helpers every stage uses: device choice, the text encoder cache, loading upstream outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kiln.stage_io import read_stage_manifest
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: config asks for cuda but no GPU is visible (use --set device=cpu or auto)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def require_stage(path: Path, what: str) -> dict:
+    """The manifest of an upstream stage output, or a one-line error saying which stage to run first."""
+    manifest = read_stage_manifest(path)
+    if manifest is None:
+        raise FileNotFoundError(f"{what}: no stage output at {path} (manifest.json missing): run that stage first")
+    return manifest
+
+
+def save_uncond(path: Path, emb: torch.Tensor, mask: torch.Tensor) -> None:
+    """The negative/empty prompt's embedding (L, D) and mask (L,), used for caption dropout and CFG."""
+    save_file({"text_emb": emb.contiguous().float(), "text_mask": mask.to(torch.uint8).contiguous()}, str(path))
+
+
+def load_uncond(path: Path, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    tensors = load_file(str(path))
+    return tensors["text_emb"].to(device), tensors["text_mask"].bool().to(device)
+
+
+def write_json(path: Path, data) -> None:
+    Path(path).write_text(json.dumps(data, indent=1, sort_keys=True))

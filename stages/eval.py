@@ -1,0 +1,84 @@
+"""Eval stage: generate for held-out and training compositions, check every image with the programmatic
+verifier, log per-category accuracy (colour, shape, count, relation), a verifier table and a labelled grid."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data.synthetic import caption, eval_prompts, make_holdout
+from kiln.generate import image_grid
+from kiln.stage_io import StageResult, hash_files
+from reward.verifier import verify
+from stages.common import pick_device, write_json
+from stages.sampling import generate_for_captions, load_stage, vae_for
+
+CHECKS = ("colour", "shape", "count", "relation")
+
+
+def summarise(rows: list[dict]) -> dict[str, float]:
+    """Rows of verdicts -> accuracies keyed eval/<split>/<kind>/<check> plus per-split means."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        for check in (*CHECKS, "correct", "colour_shape"):
+            value = row.get(check)
+            if value is None:
+                continue
+            groups[f"eval/{row['split']}/{row['kind']}/{check}"].append(float(value))
+            groups[f"eval/{row['split']}/all/{check}"].append(float(value))
+        groups[f"eval/{row['split']}/all/score"].append(row["score"])
+    return {key: sum(values) / len(values) for key, values in sorted(groups.items())}
+
+
+def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
+    out_dir = Path(out_dir)
+    device = pick_device(cfg.device)
+    _, model, vae_dir, meta = load_stage(Path(inputs["model"]), device)
+    vae = vae_for(cfg, vae_dir, device)
+    ecfg = cfg.eval
+    resolution = ecfg.resolution or meta.get("resolution") or max(r.resolution for r in cfg.train.rungs)
+    holdout = make_holdout(cfg.data.holdout_seed)
+    rng = random.Random(ecfg.seed)
+    prompts = []  # (split, spec, caption)
+    for split in ("heldout", "train"):
+        for spec in eval_prompts(holdout, split, ecfg.prompts_per_kind, ecfg.seed):
+            prompts += [(split, spec, caption(spec, rng))] * ecfg.images_per_prompt
+    captions = [p[2] for p in prompts]
+    images = []
+    for start in tqdm(range(0, len(captions), ecfg.batch_size), desc="eval", unit="batch"):
+        images += generate_for_captions(
+            cfg, model, vae, captions[start : start + ecfg.batch_size], width=resolution,
+            height=resolution, steps=ecfg.steps, cfg_scale=ecfg.cfg, seed=ecfg.seed + start,
+            batch_size=ecfg.batch_size)
+
+    rows = []
+    samples = out_dir / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    for i, ((split, spec, text), image) in enumerate(zip(prompts, images)):
+        verdict = verify(image, text)
+        name = f"{i:04d}-{split}-{spec.kind}.png"
+        image.save(samples / name)
+        rows.append({
+            "image": name, "split": split, "kind": spec.kind, "caption": text,
+            "colour": verdict.colour, "shape": verdict.shape, "count": verdict.count,
+            "relation": verdict.relation, "correct": verdict.correct,
+            "colour_shape": verdict.colour and verdict.shape, "score": verdict.score if hasattr(verdict, "score")
+            else float(verdict.correct),
+        })
+    metrics = {**summarise(rows), "eval/resolution": resolution}
+    write_json(samples / "verifier.json", {"metrics": metrics, "rows": rows})
+    labels = [f"{'ok' if r['correct'] else 'x'} {r['caption']}" for r in rows]
+    step = ecfg.images_per_prompt
+    grid = image_grid(images[::step], labels[::step], cols=8)
+    grid.save(samples / "grid.png")
+    tracker.log_metrics(metrics)
+    tracker.log_table(rows, "verifier_table.json")
+    tracker.log_image(grid, key="eval_grid", step=0)
+    return StageResult("eval", out_dir, metrics, hash_files(samples))
+
+
+__all__ = ["run", "summarise", "torch"]

@@ -1,0 +1,50 @@
+"""Latents stage (the producer side of Qwen-Image's producer-consumer design): encode every image once with the
+VAE and write shards holding ready tensors (normalised latents, text embeddings), so training reads no pixels."""
+
+from __future__ import annotations
+
+from itertools import groupby
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data.shards import ShardWriter, iter_samples, read_manifest
+from kiln.stage_io import StageResult
+from kiln.vae import encode_images
+from stages.common import pick_device
+from stages.vae import image_tensor, load_vae
+
+ENCODE_BATCH = 64
+
+
+def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
+    out_dir = Path(out_dir)
+    device = pick_device(cfg.device)
+    vae = load_vae(Path(inputs["vae"]), cfg.vae).to(device)
+    source = Path(inputs["data"]) / "shards"
+    total = read_manifest(source)["count"]
+    bar = tqdm(total=total, desc="latents", unit="img")
+    with ShardWriter(out_dir / "shards", max_samples_per_shard=cfg.data.max_samples_per_shard) as writer:
+        # iter_samples walks shard by shard, so consecutive samples share a bucket: batch them per bucket.
+        for bucket, group in groupby(iter_samples(source, load_images=True), key=lambda s: tuple(s["bucket"])):
+            group = list(group)
+            for start in range(0, len(group), ENCODE_BATCH):
+                chunk = group[start : start + ENCODE_BATCH]
+                images = torch.stack([image_tensor(s["image"]) for s in chunk]).to(device)  # (B, 3, H, W)
+                latents = encode_images(vae, images).cpu()  # (B, C, H/8, W/8)
+                for sample, z in zip(chunk, latents):
+                    writer.write(
+                        bucket=bucket,
+                        key=sample["key"],
+                        caption=sample["caption"],
+                        tensors={"latents": z.half().numpy(), "text_emb": sample["text_emb"].numpy(),
+                                 "text_mask": sample["text_mask"].numpy()},
+                        meta=sample["meta"],
+                    )
+                bar.update(len(chunk))
+    bar.close()
+    (out_dir / "uncond.safetensors").write_bytes((Path(inputs["data"]) / "uncond.safetensors").read_bytes())
+    manifest = read_manifest(out_dir / "shards")
+    tracker.log_metrics({"samples": manifest["count"]})
+    return StageResult("latents", out_dir, {"samples": manifest["count"]}, manifest["content_hash"])

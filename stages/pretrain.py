@@ -1,0 +1,227 @@
+"""Pretrain stage: one rung of the progressive-resolution ladder (e.g. 64 px, then 128 px starting from it).
+
+Rectified-flow training of the Qwen-Image MMDiT on cached latents with AdamW, linear warm-up then cosine decay,
+gradient clipping, EMA, bf16 autocast on GPU, and checkpoints that hold everything needed to continue exactly
+(model, EMA, optimizer, LR schedule, step, RNG state, data position). A restarted stage resumes from its latest
+checkpoint. Run alone: python -m stages.pretrain --preset tiny --rung 0 --data DIR --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data.buckets import buckets_for
+from data.shards import BucketBatches, read_manifest
+from kiln.checkpoint import latest_checkpoint, load_trainer_state, load_weights, resolve_checkpoint, save_checkpoint
+from kiln.flow import drop_captions, flow_matching_loss, loss_by_bucket
+from kiln.models import build_transformer, count_parameters
+from kiln.stage_io import StageResult, hash_files
+from stages.common import load_uncond, pick_device
+
+
+def lr_lambda(warmup: int, total: int, floor: float = 0.1):
+    """Linear warm-up, then cosine decay to `floor` of the peak."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
+
+
+class Trainer:
+    """Everything one rung needs; `step()` is one optimisation step on one bucket-homogeneous batch."""
+
+    def __init__(self, cfg, rung_index: int, latents_dir: Path, device: torch.device):
+        self.cfg, self.rung = cfg, cfg.train.rungs[rung_index]
+        self.device = device
+        manifest = read_manifest(Path(latents_dir) / "shards")
+        if "latents" not in manifest.get("fields", []):
+            raise ValueError(f"pretrain: shards at {latents_dir} hold no latents: run the latents stage first")
+        self.latents_dir = Path(latents_dir)
+        buckets = [b for b in buckets_for(self.rung.resolution, cfg.data.aspect_ratios, cfg.data.bucket_multiple)
+                   if f"{b[0]}x{b[1]}" in manifest["buckets"]]
+        if not buckets:
+            raise ValueError(f"pretrain: no {self.rung.resolution}px buckets in {latents_dir} "
+                             f"(has {sorted(manifest['buckets'])})")
+        self.buckets = buckets
+        self.latent_channels = cfg.vae.z_dim
+        self.model = build_transformer(cfg.model, self.latent_channels, cfg.text_encoder.dim).to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        optim = cfg.train.optim
+        lr = self.rung.lr or optim.lr
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr, betas=tuple(optim.betas), fused=device.type == "cuda",
+        )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim.warmup_steps, self.rung.steps))
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rung_index)
+        self.null_text, self.null_mask = load_uncond(self.latents_dir / "uncond.safetensors", device)
+        self.step_count = 0
+        self.position = {"epoch": 0, "batch": 0}
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=device.type == "cuda" and cfg.train.precision == "bf16")
+
+    def batches(self):
+        loader = BucketBatches(self.latents_dir / "shards", self.rung.batch_size, seed=self.cfg.seed,
+                               buckets=self.buckets, start=self.position, cache_in_memory=True)
+        for batch in loader.batches_forever():
+            self.position = loader.position()
+            yield batch
+
+    def step(self, batch: dict) -> dict:
+        """One AdamW step. Returns tensors (no host sync) for logging."""
+        latents = batch["latents"].to(self.device, non_blocking=True)  # (B, C, h, w)
+        text = batch["text_emb"].to(self.device, non_blocking=True)  # (B, L, D)
+        mask = batch["text_mask"].to(self.device, non_blocking=True)  # (B, L)
+        text, mask = drop_captions(text, mask, self.null_text, self.null_mask,
+                                   self.cfg.objective.caption_dropout, self.generator)
+        with self.autocast:
+            loss, per_sample, t = flow_matching_loss(self.model, latents, text, mask, self.cfg.objective,
+                                                     self.cfg.scheduler, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.optim.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        ema_update(self.ema, self.model, self.cfg.train.optim.ema_decay)
+        self.step_count += 1
+        return {"loss": loss.detach(), "per_sample": per_sample.detach(), "t": t, "grad_norm": grad_norm}
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "step": self.step_count,
+            "position": self.position,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save(self, out_dir: Path) -> Path:
+        return save_checkpoint(out_dir / "checkpoints", self.step_count, self.model, self.ema, self.state(),
+                               meta={"kind": "transformer", "resolution": self.rung.resolution,
+                                     "latent_channels": self.latent_channels},
+                               keep=self.cfg.train.keep_checkpoints)
+
+    def resume(self, ckpt: Path) -> None:
+        load_weights(ckpt, self.model, "model")
+        load_weights(ckpt, self.ema, "ema")
+        state = load_trainer_state(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step_count = int(state["step"])
+        self.position = {k: int(v) for k, v in state["position"].items()}
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def init_from(self, previous_stage: Path) -> None:
+        """Start a rung from the previous rung's weights (model and EMA)."""
+        ckpt = resolve_checkpoint(previous_stage)
+        load_weights(ckpt, self.model, "model")
+        load_weights(ckpt, self.ema, "ema")
+
+
+def run(cfg, inputs: dict, out_dir: Path, tracker, rung_index: int = 0) -> StageResult:
+    from stages.sampling import log_samples  # noqa: PLC0415 - keeps sampling out of the trainer's import path
+
+    out_dir = Path(out_dir)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed * 1000 + rung_index)
+    trainer = Trainer(cfg, rung_index, Path(inputs["latents"]), device)
+    rung = trainer.rung
+    ckpt = latest_checkpoint(out_dir / "checkpoints")
+    if ckpt is not None:
+        trainer.resume(ckpt)
+        tqdm.write(f"pretrain: resuming {out_dir.name} from {ckpt.name}")
+    elif inputs.get("init"):
+        trainer.init_from(Path(inputs["init"]))
+    if trainer.step_count == 0:
+        tracker.log_metrics({"parameters": count_parameters(trainer.model)})
+
+    log_every, buckets = cfg.train.log_every, cfg.objective.loss_buckets
+    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "images": 0, "start": time.perf_counter()}
+    bucket_sums: dict[int, list[float]] = {}
+    bar = tqdm(total=rung.steps, initial=trainer.step_count, desc=f"pretrain {rung.resolution}px", unit="step")
+    batches = trainer.batches()
+    last_loss = float("nan")
+    while trainer.step_count < rung.steps:
+        out = trainer.step(next(batches))
+        window["loss"] += out["loss"].item()
+        window["grad_norm"] += float(out["grad_norm"])
+        window["n"] += 1
+        window["images"] += out["t"].shape[0]
+        for i, (total, count) in loss_by_bucket(out["per_sample"], out["t"], buckets).items():
+            acc = bucket_sums.setdefault(i, [0.0, 0])
+            acc[0] += total
+            acc[1] += count
+        if not math.isfinite(out["loss"].item()):
+            raise FloatingPointError(f"pretrain: loss is {out['loss'].item()} at step {trainer.step_count}; "
+                                     f"last good checkpoint: {latest_checkpoint(out_dir / 'checkpoints')}")
+        step = trainer.step_count
+        bar.update(1)
+        if step % log_every == 0 or step == rung.steps:
+            elapsed = time.perf_counter() - window["start"]
+            last_loss = window["loss"] / window["n"]
+            metrics = {
+                "train/loss": last_loss,
+                "train/grad_norm": window["grad_norm"] / window["n"],
+                "train/lr": trainer.schedule.get_last_lr()[0],
+                "train/images_per_s": window["images"] / elapsed,
+                **{f"train/loss_t{i}": s / c for i, (s, c) in bucket_sums.items()},
+            }
+            tracker.log_metrics(metrics, step=step)
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+            window.update(loss=0.0, grad_norm=0.0, n=0, images=0, start=time.perf_counter())
+            bucket_sums.clear()
+        if step % cfg.train.checkpoint_every == 0 and step < rung.steps:
+            trainer.save(out_dir)
+        if step % cfg.train.sample_every == 0 or step == rung.steps:
+            log_samples(cfg, trainer.ema, inputs, out_dir, tracker, step, rung.resolution)
+    bar.close()
+    final = trainer.save(out_dir)
+    tracker.set_tags({"kiln.checkpoint": str(final.resolve())})
+    metrics = {"final_loss": last_loss, "steps": trainer.step_count}
+    return StageResult(f"pretrain-{rung.resolution}", out_dir, metrics, hash_files(out_dir / "checkpoints"))
+
+
+def main() -> None:
+    from kiln.config import load_config
+    from kiln.tracking import Tracker
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--rung", type=int, default=0)
+    parser.add_argument("--latents", required=True, help="output folder of the latents stage")
+    parser.add_argument("--vae", required=True, help="output folder of the vae stage")
+    parser.add_argument("--init", default=None, help="previous rung's output folder")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    cfg = load_config(args.preset, args.overrides)
+    inputs = {"latents": args.latents, "vae": args.vae, "init": args.init}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    print(run(cfg, inputs, Path(args.out), Tracker(None), args.rung))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""VAE stage. `tiny`/`small`: train a small AutoencoderKLQwenImage on the rendered images (random crops; the VAE
+is fully convolutional), log reconstruction PSNR, then measure per-channel latent mean/std on the data and save
+them in the VAE's own config. `qwen-image`: the pretrained VAE is loaded where the latents stage needs it."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from data.shards import iter_samples
+from kiln.checkpoint import save_checkpoint
+from kiln.stage_io import StageResult, hash_files
+from kiln.vae import build_vae
+from stages.common import pick_device
+
+PSNR_IMAGES = 64
+
+
+def image_tensor(image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def load_vae(vae_dir: Path, vae_cfg=None):
+    """The VAE a `vae` stage produced (its final checkpoint), or the pretrained one the config names."""
+    from diffusers import AutoencoderKLQwenImage
+
+    from kiln.checkpoint import load_weights, resolve_checkpoint
+
+    if vae_cfg is not None and vae_cfg.pretrained:
+        return build_vae(vae_cfg)
+    ckpt = resolve_checkpoint(Path(vae_dir) / "checkpoints")
+    vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(ckpt))
+    load_weights(ckpt, vae)
+    return vae.eval()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Images in [-1, 1]; PSNR over the [0, 1] range."""
+    mse = ((a - b) / 2).pow(2).mean().item()
+    return 10 * math.log10(1 / max(mse, 1e-10))
+
+
+def _random_crops(images: list[torch.Tensor], n: int, crop: int, rng: random.Random) -> torch.Tensor:
+    out = []
+    for _ in range(n):
+        img = images[rng.randrange(len(images))]
+        _, h, w = img.shape
+        size = min(crop, h, w)
+        y, x = rng.randrange(h - size + 1), rng.randrange(w - size + 1)
+        out.append(img[:, y : y + size, x : x + size])
+    return torch.stack(out)  # (B, 3, crop, crop)
+
+
+def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
+    out_dir = Path(out_dir)
+    if cfg.vae.pretrained:
+        # Nothing to train: record which VAE the later stages load.
+        metrics = {"pretrained": 1.0}
+        return StageResult("vae", out_dir, metrics, f"pretrained:{cfg.vae.pretrained}")
+
+    device = pick_device(cfg.device)
+    tcfg = cfg.vae.train
+    images = [image_tensor(s["image"]) for s in iter_samples(Path(inputs["data"]) / "shards", load_images=True)]
+    if len(images) <= PSNR_IMAGES:
+        raise ValueError(f"vae: need more than {PSNR_IMAGES} images to train and measure, got {len(images)}")
+    held, train = images[:PSNR_IMAGES], images[PSNR_IMAGES:]
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    vae = build_vae(cfg.vae).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=tcfg.lr, weight_decay=0.0)
+    lr_at = lambda step: tcfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(1, tcfg.steps)))  # noqa: E731
+    bar = tqdm(range(tcfg.steps), desc="vae", unit="step")
+    start = time.time()
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        x = _random_crops(train, tcfg.batch_size, tcfg.crop, rng).to(device)[:, :, None]  # (B, 3, 1, c, c)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        rec_loss = (recon - x).abs().mean() + (recon - x).pow(2).mean()
+        loss = rec_loss + tcfg.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % tcfg.log_every == 0 or step == tcfg.steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            tracker.log_metrics({"vae/loss": loss.item(), "vae/lr": lr_at(step)}, step=step)
+
+    vae.eval()
+    with torch.no_grad():
+        recon_psnr, latents = [], []
+        for img in held:
+            x = img[None, :, None].to(device)
+            z = vae.encode(x).latent_dist.mode()
+            recon_psnr.append(psnr(vae.decode(z).sample[:, :, 0].clamp(-1, 1).cpu(), img[None]))
+        for img in train[:512]:
+            latents.append(vae.encode(img[None, :, None].to(device)).latent_dist.mode()[0, :, 0].flatten(1).cpu())
+        z = torch.cat(latents, dim=1)  # (C, pixels)
+        mean, std = z.mean(dim=1), z.std(dim=1).clamp_min(1e-4)
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    ckpt = save_checkpoint(out_dir / "checkpoints", tcfg.steps, vae.cpu(), meta={"kind": "vae"})
+    vae.save_config(ckpt)  # config.json, with the latent statistics
+
+    metrics = {"vae/psnr": float(np.mean(recon_psnr)), "vae/seconds": time.time() - start}
+    tracker.log_metrics(metrics, step=tcfg.steps)
+    tracker.log_dict({"latents_mean": mean.tolist(), "latents_std": std.tolist()}, "latent_stats.json")
+    tracker.set_tags({"kiln.checkpoint": str(ckpt.resolve())})
+    return StageResult("vae", out_dir, metrics, hash_files(out_dir / "checkpoints"))

@@ -1,0 +1,219 @@
+import random
+import time
+
+import numpy as np
+import pytest
+
+from data.synthetic import (
+    BACKGROUND_RGB,
+    COLOUR_RGB,
+    COLOURS,
+    KINDS,
+    RELATIONS,
+    SHAPES,
+    Holdout,
+    SceneSpec,
+    caption,
+    eval_prompts,
+    make_holdout,
+    parse_caption,
+    render,
+    sample_spec,
+)
+
+
+@pytest.fixture(scope="module")
+def holdout() -> Holdout:
+    return make_holdout(seed=0)
+
+
+def _random_spec(rng: random.Random) -> SceneSpec:
+    """Any valid spec, training or not."""
+    kind = rng.choice(KINDS)
+    colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
+    if kind == "single":
+        return SceneSpec("single", colour, shape)
+    if kind == "count":
+        return SceneSpec("count", colour, shape, rng.randint(2, 4))
+    while True:
+        other = (rng.choice(COLOURS), rng.choice(SHAPES))
+        if other != (colour, shape):
+            return SceneSpec("relation", colour, shape, 1, rng.choice(RELATIONS), *other)
+
+
+# --------------------------------------------------------------------------- holdout
+
+
+def test_holdout_pairs_use_distinct_colours_and_shapes(holdout):
+    assert len(holdout.pairs) == 3
+    assert len({c for c, _ in holdout.pairs}) == 3
+    assert len({s for _, s in holdout.pairs}) == 3
+    assert holdout.relations, "some relation triples are held out"
+    for colour, shape, relation, other_colour, other_shape in holdout.relations:
+        assert relation in ("left of", "above")  # stored in canonical form
+        assert (colour, shape) not in holdout.pairs
+        assert (other_colour, other_shape) not in holdout.pairs
+
+
+def test_training_never_contains_heldout_compositions(holdout):
+    rng = random.Random(1)
+    specs = [sample_spec(rng, holdout, "train") for _ in range(2000)]
+    assert {s.kind for s in specs} == set(KINDS)
+    for spec in specs:
+        assert not set(spec.pairs()) & holdout.pairs, spec
+        if spec.kind == "relation":
+            assert spec.triple() not in holdout.relations, spec
+        assert holdout.is_training_spec(spec)
+
+    seen_pairs = {pair for spec in specs for pair in spec.pairs()}
+    for colour in COLOURS:
+        assert sum(c == colour for c, _ in seen_pairs) >= 2, colour
+    for shape in SHAPES:
+        assert sum(s == shape for _, s in seen_pairs) >= 2, shape
+
+
+def test_heldout_split_only_holds_heldout_compositions(holdout):
+    rng = random.Random(2)
+    for _ in range(500):
+        spec = sample_spec(rng, holdout, "heldout")
+        assert not holdout.is_training_spec(spec)
+        if spec.kind == "relation":
+            assert spec.triple() in holdout.relations
+        else:
+            assert (spec.colour, spec.shape) in holdout.pairs
+
+
+def test_holdout_is_deterministic_per_seed():
+    assert make_holdout(7) == make_holdout(7)
+    assert len({make_holdout(seed) for seed in range(10)}) > 1
+    rng_a, rng_b = random.Random(3), random.Random(3)
+    h = make_holdout(7)
+    assert [sample_spec(rng_a, h, "train") for _ in range(50)] == [
+        sample_spec(rng_b, h, "train") for _ in range(50)
+    ]
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def test_caption_parse_round_trip():
+    rng = random.Random(4)
+    phrasings = set()
+    for _ in range(3000):
+        spec = _random_spec(rng)
+        text = caption(spec, rng)
+        phrasings.add(text)
+        assert parse_caption(text) == spec.normalised(), text
+    assert len(phrasings) > 500  # the grammar varies its phrasing
+
+
+def test_parse_is_tolerant_and_canonical():
+    assert parse_caption("  A RED   Circle. ") == SceneSpec("single", "red", "circle")
+    assert parse_caption("3 blue squares!") == SceneSpec("count", "blue", "square", 3)
+    assert parse_caption("a group of four yellow triangles") == SceneSpec("count", "yellow", "triangle", 4)
+    left = parse_caption("a green triangle to the left of a yellow circle")
+    assert left == SceneSpec("relation", "green", "triangle", 1, "left of", "yellow", "circle")
+    assert parse_caption("a yellow circle right of a green triangle") == left
+    above = parse_caption("a red square above a blue circle")
+    assert parse_caption("a blue circle below a red square,") == above
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "a purple circle", "two red circle", "one red circles", "a red hexagon",
+     "five green squares", "a red circle near a blue square", "a red circle left of a red circle"],
+)
+def test_parse_rejects_other_text(text):
+    with pytest.raises(ValueError, match="cannot parse caption") as info:
+        parse_caption(text)
+    assert repr(text) in str(info.value)
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError):
+        SceneSpec("count", "red", "circle", 1)
+    with pytest.raises(ValueError):
+        SceneSpec("single", "red", "circle", 2)
+    with pytest.raises(ValueError):
+        SceneSpec("relation", "red", "circle", 1, "near", "blue", "square")
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@pytest.mark.parametrize("size", [(48, 64), (64, 64), (96, 64), (128, 128), (64, 48)])
+def test_render_fits_and_separates_objects(holdout, size):
+    width, height = size
+    rng = random.Random(5)
+    for n in range(150):
+        spec = sample_spec(rng, holdout, "train" if n % 2 else "heldout")
+        image, objects = render(spec, width, height, rng)
+        assert image.size == (width, height) and image.mode == "RGB"
+        assert len(objects) == (2 if spec.kind == "relation" else spec.count)
+        assert sorted((o.colour, o.shape) for o in objects) == sorted(spec.pairs() * spec.count)
+
+        boxes = [(o.cx - (o.size - 1) / 2, o.cy - (o.size - 1) / 2, o.size) for o in objects]
+        for x0, y0, side in boxes:
+            assert x0 >= 0 and y0 >= 0 and x0 + side <= width and y0 + side <= height
+        for i, (ax, ay, aside) in enumerate(boxes):
+            for bx, by, bside in boxes[i + 1 :]:
+                apart_x = ax + aside < bx or bx + bside < ax
+                apart_y = ay + aside < by or by + bside < ay
+                assert apart_x or apart_y, (spec, objects)
+
+        pixels = np.asarray(image)
+        for o in objects:  # the centre of every drawn shape is inside it
+            assert tuple(pixels[round(o.cy), round(o.cx)]) == COLOUR_RGB[o.colour]
+        background = np.all(pixels == BACKGROUND_RGB, axis=-1).mean()
+        assert background > 0.5  # plain background, no noise
+
+
+def test_render_relation_geometry(holdout):
+    rng = random.Random(6)
+    for _ in range(300):
+        spec = sample_spec(rng, holdout, "train", "relation")
+        _, (subject, other) = render(spec, 64, 64, rng)
+        dx, dy = other.cx - subject.cx, other.cy - subject.cy
+        primary, across = {
+            "left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)
+        }[spec.relation]
+        assert primary >= max(subject.size, other.size)
+        assert abs(across) <= 0.3 * primary
+
+
+def test_render_scales_and_is_deterministic():
+    spec = SceneSpec("count", "red", "triangle", 4)
+    small, objects_small = render(spec, 64, 64, random.Random(8))
+    again, _ = render(spec, 64, 64, random.Random(8))
+    assert small.tobytes() == again.tobytes()
+    _, objects_big = render(spec, 1328, 1328, random.Random(8))
+    assert max(o.size for o in objects_small) < 0.3 * 64
+    assert min(o.size for o in objects_big) > 0.1 * 1328
+
+
+def test_render_is_fast(holdout):
+    rng = random.Random(9)
+    specs = [sample_spec(rng, holdout, "train") for _ in range(300)]
+    start = time.perf_counter()
+    for spec in specs:
+        render(spec, 64, 64, rng)
+    per_image = (time.perf_counter() - start) / len(specs)
+    assert per_image < 0.005  # ~0.1 ms measured; generous for a shared machine
+
+
+# --------------------------------------------------------------------------- evaluation prompts
+
+
+def test_eval_prompts(holdout):
+    heldout = eval_prompts(holdout, "heldout", n_per_kind=6, seed=0)
+    assert heldout == eval_prompts(holdout, "heldout", n_per_kind=6, seed=0)
+    assert [s.kind for s in heldout] == ["single"] * 6 + ["count"] * 6 + ["relation"] * 6
+    assert {(s.colour, s.shape) for s in heldout if s.kind == "single"} == holdout.pairs
+    assert not any(holdout.is_training_spec(s) for s in heldout)
+    assert {s.triple() for s in heldout if s.kind == "relation"} <= holdout.relations
+
+    train = eval_prompts(holdout, "train", n_per_kind=6, seed=0)
+    assert train == eval_prompts(holdout, "train", n_per_kind=6, seed=0)
+    assert [s.kind for s in train] == ["single"] * 6 + ["count"] * 6 + ["relation"] * 6
+    assert all(holdout.is_training_spec(s) for s in train)
+    assert train != eval_prompts(holdout, "train", n_per_kind=6, seed=1)
