@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ def _run(args) -> int:
     from kiln.config import load_config
 
     load_config(args.preset, args.overrides)  # fail on a bad config before Prefect starts
+    # The ephemeral API server's first start (database migrations) can take over 20 s on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.pipeline import pipeline
 
     outputs = pipeline(preset=args.preset, overrides=args.overrides, run_name=args.run_name)
