@@ -49,3 +49,16 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     mean, std = _stats(vae, latents)
     z = latents * std + mean
     return vae.decode(z[:, :, None].to(vae.dtype)).sample[:, :, 0].float().clamp(-1, 1)
+
+
+def decode_for_training(vae, z: torch.Tensor) -> torch.Tensor:
+    """Decode one-frame latents (B, C, 1, h, w) without the [-1, 1] clamp AutoencoderKLQwenImage.decode applies.
+
+    The clamp has zero gradient wherever the output overshoots, which freezes colour channels of a VAE trained
+    from scratch (seen here: every object decoded in one muddy colour); training on the unclamped output fixes it.
+    Same modules and order as diffusers' _decode for a single frame.
+    """
+    vae.clear_cache()
+    out = vae.decoder(vae.post_quant_conv(z), feat_cache=vae._feat_map, feat_idx=[0])
+    vae.clear_cache()
+    return out

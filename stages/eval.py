@@ -66,8 +66,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
             "image": name, "split": split, "kind": spec.kind, "caption": text,
             "colour": verdict.colour, "shape": verdict.shape, "count": verdict.count,
             "relation": verdict.relation, "correct": verdict.correct,
-            "colour_shape": verdict.colour and verdict.shape, "score": verdict.score if hasattr(verdict, "score")
-            else float(verdict.correct),
+            "colour_shape": verdict.colour and verdict.shape,
+            "score": sum(verdict.checks()) / len(verdict.checks()),  # the verifier's reward in [0, 1]
         })
     metrics = {**summarise(rows), "eval/resolution": resolution}
     write_json(samples / "verifier.json", {"metrics": metrics, "rows": rows})

@@ -50,6 +50,7 @@ class Trainer:
     def __init__(self, cfg, rung_index: int, latents_dir: Path, device: torch.device):
         self.cfg, self.rung = cfg, cfg.train.rungs[rung_index]
         self.device = device
+        torch.manual_seed(cfg.seed * 1000 + rung_index)  # model init is part of the run's determinism
         manifest = read_manifest(Path(latents_dir) / "shards")
         if "latents" not in manifest.get("fields", []):
             raise ValueError(f"pretrain: shards at {latents_dir} hold no latents: run the latents stage first")
@@ -146,7 +147,6 @@ def run(cfg, inputs: dict, out_dir: Path, tracker, rung_index: int = 0) -> Stage
 
     out_dir = Path(out_dir)
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed * 1000 + rung_index)
     trainer = Trainer(cfg, rung_index, Path(inputs["latents"]), device)
     rung = trainer.rung
     ckpt = latest_checkpoint(out_dir / "checkpoints")

@@ -1,0 +1,113 @@
+"""End to end: the whole pipeline on the smoke preset under Prefect, checked through MLflow; plus the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+STAGES = ["data", "vae", "latents", "pretrain-32", "eval-pretrain-32", "pretrain-64", "eval-pretrain-64"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(prefect_harness, tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    root = tmp_path_factory.mktemp("runs")
+    outputs = pipeline(preset="smoke", overrides=[f"run_dir={root}", "experiment=kiln-e2e"], run_name="e2e")
+    return root, outputs
+
+
+def test_every_stage_writes_its_output(smoke_run):
+    root, outputs = smoke_run
+    assert list(outputs) == STAGES
+    for name in STAGES:
+        manifest = json.loads((root / "e2e" / name / "manifest.json").read_text())
+        assert manifest["stage"] == name and manifest["cache_key"] and manifest["content_hash"]
+    assert (root / "e2e" / "data" / "shards" / "manifest.json").exists()
+    assert list((root / "e2e" / "pretrain-64" / "checkpoints").glob("step-4/model.safetensors"))
+    assert (root / "e2e" / "eval-pretrain-64" / "samples" / "grid.png").exists()
+
+
+def test_mlflow_parent_and_children(smoke_run):
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("kiln-e2e")
+    runs = client.search_runs([exp.experiment_id], "tags.`kiln.pipeline_run` = 'e2e'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.tags["kiln.stage"] for r in children) == sorted(STAGES)
+    assert parents[0].data.params["model.num_layers"] == "1"  # the full resolved config
+    by_stage = {r.data.tags["kiln.stage"]: r for r in children}
+    pretrain = by_stage["pretrain-64"]
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s"):
+        assert key in pretrain.data.metrics, key
+    assert any(k.startswith("train/loss_t") for k in pretrain.data.metrics)
+    assert "kiln.checkpoint" in pretrain.data.tags
+    assert "vae/psnr" in by_stage["vae"].data.metrics
+    evaluation = by_stage["eval-pretrain-64"]
+    assert "eval/heldout/single/colour_shape" in evaluation.data.metrics
+    artifacts = [a.path for a in client.list_artifacts(evaluation.info.run_id)]
+    assert "verifier_table.json" in artifacts
+    images = [a.path for a in client.list_artifacts(pretrain.info.run_id, "images")]
+    assert images, "sample grids logged during training"
+
+
+def test_rerun_skips_finished_stages(smoke_run, prefect_harness):
+    from flows.pipeline import pipeline
+
+    root, _ = smoke_run
+    before = {p: p.stat().st_mtime for p in (root / "e2e").glob("*/manifest.json")}
+    pipeline(preset="smoke", overrides=[f"run_dir={root}", "experiment=kiln-e2e"], run_name="e2e")
+    after = {p: p.stat().st_mtime for p in (root / "e2e").glob("*/manifest.json")}
+    assert before == after
+
+
+def test_generate_cli_writes_pngs(smoke_run, tmp_path):
+    root, outputs = smoke_run
+    out = tmp_path / "png"
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "generate", "--from", outputs["pretrain-64"], "--prompt", "a red circle",
+         "--n", "2", "--steps", "2", "--width", "48", "--height", "64", "--out", str(out)],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2 and Image.open(pngs[0]).size == (48, 64)
+
+
+def _kiln(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_bad_config_is_one_line_and_runs_nothing(tmp_path):
+    result = _kiln("run", "--preset", "smoke", "--set", "model.num_layerz=2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["kiln: error: config: unknown key 'model.num_layerz'"]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    result = _kiln("generate", "--from", str(tmp_path / "nowhere"), "--prompt", "a red circle", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"kiln: error: checkpoint: {tmp_path / 'nowhere'} does not exist"]
+
+
+def test_empty_data_folder_is_one_line_and_keeps_outputs(smoke_run, tmp_path):
+    """A training stage pointed at an empty data folder fails clearly and leaves existing checkpoints alone."""
+    from kiln.config import load_config
+    from kiln.tracking import Tracker
+    from stages import pretrain
+
+    root, outputs = smoke_run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    stage_out = Path(outputs["pretrain-64"])
+    before = sorted(p.name for p in (stage_out / "checkpoints").iterdir())
+    with pytest.raises(FileNotFoundError) as err:
+        pretrain.run(load_config("smoke"), {"latents": str(empty), "vae": outputs["vae"]}, stage_out, Tracker(None), 1)
+    assert "no shard manifest" in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in (stage_out / "checkpoints").iterdir()) == before
