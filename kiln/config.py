@@ -61,6 +61,7 @@ class VaeTrainConfig(Strict):
     crop: int = Field(32, gt=0)
     lr: float = Field(1e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
+    foreground_weight: float = Field(10.0, ge=1)
     log_every: int = Field(50, gt=0)
 
 

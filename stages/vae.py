@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from data.shards import iter_samples
 from kiln.checkpoint import save_checkpoint
 from kiln.stage_io import StageResult, hash_files
-from kiln.vae import build_vae
+from kiln.vae import build_vae, decode_for_training
 from stages.common import pick_device
 
 PSNR_IMAGES = 64
@@ -45,6 +45,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Images in [-1, 1]; PSNR over the [0, 1] range."""
     mse = ((a - b) / 2).pow(2).mean().item()
     return 10 * math.log10(1 / max(mse, 1e-10))
+
+
+def foreground_mask(images: torch.Tensor) -> torch.Tensor:
+    """1 where a pixel is saturated (an object), 0 on the plain light background. images in [-1, 1], channel dim 1."""
+    chroma = images.max(dim=1, keepdim=True).values - images.min(dim=1, keepdim=True).values
+    return (chroma > 0.4).float()
 
 
 def _random_crops(images: list[torch.Tensor], n: int, crop: int, rng: random.Random) -> torch.Tensor:
@@ -76,7 +82,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     rng = random.Random(cfg.seed)
     vae = build_vae(cfg.vae).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=tcfg.lr, weight_decay=0.0)
-    lr_at = lambda step: tcfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(1, tcfg.steps)))  # noqa: E731
+    warmup = min(50, max(1, tcfg.steps // 10))
+    lr_at = lambda step: tcfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, tcfg.steps)))  # noqa: E731,E501
     bar = tqdm(range(tcfg.steps), desc="vae", unit="step")
     start = time.time()
     for step in bar:
@@ -84,12 +91,17 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
             group["lr"] = lr_at(step)
         x = _random_crops(train, tcfg.batch_size, tcfg.crop, rng).to(device)[:, :, None]  # (B, 3, 1, c, c)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        rec_loss = (recon - x).abs().mean() + (recon - x).pow(2).mean()
+        # Train on the posterior mean (the latents stage encodes with it too): sampling noise of std ~1 at init
+        # swamps the small initial means and the decoder learns to ignore the latent.
+        recon = decode_for_training(vae, posterior.mode())
+        # Objects cover a few percent of the pixels; without weighting them up, a from-scratch VAE sits for a
+        # long time at "background plus grey blobs" and never learns which colour an object has.
+        weight = 1 + (tcfg.foreground_weight - 1) * foreground_mask(x)
+        rec_loss = (weight * ((recon - x).abs() + (recon - x).pow(2))).mean()
         loss = rec_loss + tcfg.kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 5.0)
         opt.step()
         if step % tcfg.log_every == 0 or step == tcfg.steps - 1:
             bar.set_postfix(loss=f"{loss.item():.4f}")
