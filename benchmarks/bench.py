@@ -22,19 +22,13 @@ from kiln.config import load_config
 from kiln.flow import flow_matching_loss
 from kiln.generate import generate_latents
 from kiln.sampler import make_scheduler
-from kiln.stage_io import write_stage_manifest
-from kiln.tracking import Tracker
-from stages import data, latents, pretrain, vae
+from stages import pretrain
+from stages.common import data_vae_latents
 
 
 def build_dataset(cfg, root: Path) -> Path:
     """data -> untrained vae -> latents: enough real shards for timing (the numbers don't need a trained VAE)."""
-    for name, module, inputs in (("data", data, {}), ("vae", vae, {"data": root / "data"}),
-                                 ("latents", latents, {"data": root / "data", "vae": root / "vae"})):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        result = module.run(cfg, inputs, root / name, Tracker(None))
-        write_stage_manifest(root / name, stage=name, content_hash=result.content_hash)
-    return root / "latents"
+    return data_vae_latents(cfg, root) / "latents"
 
 
 def time_trainer(cfg, rung_index, latents_dir, steps, warmup=5):

@@ -62,6 +62,7 @@ class VaeTrainConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
     foreground_weight: float = Field(10.0, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(50, gt=0)
 
 

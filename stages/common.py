@@ -39,3 +39,28 @@ def load_uncond(path: Path, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_json(path: Path, data) -> None:
     Path(path).write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def run_without_orchestration(stages: list[tuple[str, str, dict]], cfg, root: Path) -> Path:
+    """Run (name, stage module, inputs) in order as plain functions, no Prefect and no MLflow, writing the same
+    manifests the flow writes. For tests and benchmarks that need real upstream outputs quickly."""
+    import importlib
+
+    from kiln.stage_io import write_stage_manifest
+    from kiln.tracking import Tracker
+
+    for name, module, inputs in stages:
+        out_dir = Path(root) / name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = importlib.import_module(f"stages.{module}").run(cfg, inputs, out_dir, Tracker(None))
+        write_stage_manifest(out_dir, stage=name, content_hash=result.content_hash, config=cfg.model_dump(mode="json"),
+                             inputs={k: str(v) for k, v in inputs.items()})
+    return Path(root)
+
+
+def data_vae_latents(cfg, root: Path) -> Path:
+    """data -> vae -> latents under root; returns root."""
+    root = Path(root)
+    return run_without_orchestration(
+        [("data", "data", {}), ("vae", "vae", {"data": root / "data"}),
+         ("latents", "latents", {"data": root / "data", "vae": root / "vae"})], cfg, root)

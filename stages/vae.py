@@ -101,7 +101,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         loss = rec_loss + tcfg.kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), tcfg.grad_clip)
         opt.step()
         if step % tcfg.log_every == 0 or step == tcfg.steps - 1:
             bar.set_postfix(loss=f"{loss.item():.4f}")

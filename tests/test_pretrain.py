@@ -7,22 +7,14 @@ from safetensors.torch import load_file
 from kiln.checkpoint import latest_checkpoint, list_checkpoints
 from kiln.config import load_config
 from kiln.tracking import Tracker
-from stages import data, latents, pretrain, vae
+from stages import pretrain
+from stages.common import data_vae_latents
 
 
 @pytest.fixture(scope="module")
 def smoke_latents(tmp_path_factory):
     """data -> vae -> latents on the smoke preset, as plain functions (no Prefect, no MLflow)."""
-    root = tmp_path_factory.mktemp("stages")
-    cfg = load_config("smoke")
-    from kiln.stage_io import write_stage_manifest
-
-    for name, module, inputs in (("data", data, {}), ("vae", vae, {"data": root / "data"}),
-                                 ("latents", latents, {"data": root / "data", "vae": root / "vae"})):
-        (root / name).mkdir()
-        result = module.run(cfg, inputs, root / name, Tracker(None))
-        write_stage_manifest(root / name, stage=name, content_hash=result.content_hash)
-    return root
+    return data_vae_latents(load_config("smoke"), tmp_path_factory.mktemp("stages"))
 
 
 def _run(cfg, root, out, crash_at=None, monkeypatch=None):
