@@ -80,4 +80,6 @@ def test_first_losses_regression(smoke_latents, tmp_path):
     trainer2 = pretrain.Trainer(cfg, 0, smoke_latents / "latents", torch.device("cpu"))
     batches2 = trainer2.batches()
     assert losses == [trainer2.step(next(batches2))["loss"].item() for _ in range(3)]
-    assert losses[0] > 0.5 and all(l == l for l in losses)  # noqa: E741 - finite, noisy-start MSE
+    # Recorded on the CPU build of torch 2.13.0; a change to the objective, sampler of t/noise, data order, model
+    # init or VAE training moves these. Update them only for an intended numeric change.
+    assert losses == pytest.approx([3.24388, 3.39851, 2.8842], rel=1e-3)
