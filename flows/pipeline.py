@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from kiln.config import KilnConfig, config_from_dict, load_config
 from kiln.stage_io import cache_key, read_stage_manifest, write_stage_manifest
-from kiln.tracking import start_run
+from kiln.tracking import Tracker, start_run
 
 # Which config sections each stage depends on (its cache key covers only these).
 STAGE_SECTIONS = {
@@ -61,10 +61,7 @@ def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str
     key = cache_key(kind, _stage_config(cfg, kind, rung_index), input_hashes)
     tags = {"kiln.stage": name, "kiln.cache_key": key, "kiln.pipeline_run": Path(run_root).name}
     existing = read_stage_manifest(out_dir)
-    tracker = start_run(cfg.experiment, name, parent_run_id, tags) if parent_run_id else None
-    from kiln.tracking import Tracker
-
-    tracker = tracker or Tracker(None)
+    tracker = start_run(cfg.experiment, name, parent_run_id, tags) if parent_run_id else Tracker(None)
     if existing and existing.get("cache_key") == key:
         tracker.set_tags({"kiln.skipped": "true", "kiln.produced_by": existing.get("mlflow_run_id", "")})
         tracker.log_metrics({k: v for k, v in existing.get("metrics", {}).items() if isinstance(v, (int, float))})
@@ -78,7 +75,7 @@ def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str
         extra = {"rung_index": rung_index} if rung_index is not None else {}
         result = module.run(cfg, inputs, out_dir, tracker, **extra)
     except BaseException:
-        tracker.end("FAILED" if tracker else "FAILED")
+        tracker.end("FAILED")
         raise
     seconds = time.time() - started
     tracker.log_metrics({"stage_seconds": seconds})

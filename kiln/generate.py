@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -64,5 +63,3 @@ def image_grid(images: list[Image.Image], labels: list[str] | None = None, cols:
             draw.text((x + 1, y), labels[i][: max(4, w // 6)], fill=(0, 0, 0))
     return sheet
 
-
-__all__ = ["generate_images", "generate_latents", "image_grid", "initial_noise", "to_pil", "np"]

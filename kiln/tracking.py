@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -107,5 +106,3 @@ def tracking_uri() -> str:
 
     return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
 
-
-__all__ = ["Tracker", "start_run", "experiment_id", "flatten", "tracking_uri", "tempfile"]

@@ -7,7 +7,6 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from data.synthetic import caption, eval_prompts, make_holdout
@@ -80,5 +79,3 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     tracker.log_image(grid, key="eval_grid", step=0)
     return StageResult("eval", out_dir, metrics, hash_files(samples))
 
-
-__all__ = ["run", "summarise", "torch"]
