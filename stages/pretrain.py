@@ -166,7 +166,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker, rung_index: int = 0) -> Stage
     last_loss = float("nan")
     while trainer.step_count < rung.steps:
         out = trainer.step(next(batches))
-        window["loss"] += out["loss"].item()
+        loss_value = out["loss"].item()  # one host read per step
+        window["loss"] += loss_value
         window["grad_norm"] += float(out["grad_norm"])
         window["n"] += 1
         window["images"] += out["t"].shape[0]
@@ -174,8 +175,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker, rung_index: int = 0) -> Stage
             acc = bucket_sums.setdefault(i, [0.0, 0])
             acc[0] += total
             acc[1] += count
-        if not math.isfinite(out["loss"].item()):
-            raise FloatingPointError(f"pretrain: loss is {out['loss'].item()} at step {trainer.step_count}; "
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"pretrain: loss is {loss_value} at step {trainer.step_count}; "
                                      f"last good checkpoint: {latest_checkpoint(out_dir / 'checkpoints')}")
         step = trainer.step_count
         bar.update(1)
