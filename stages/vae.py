@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from data.shards import iter_samples
 from kiln.checkpoint import save_checkpoint
 from kiln.stage_io import StageResult, hash_files
-from kiln.vae import build_vae, decode_for_training
+from kiln.vae import build_vae, decode_for_training, use_single_frame_convs
 from stages.common import pick_device
 
 PSNR_IMAGES = 64
@@ -36,7 +36,7 @@ def load_vae(vae_dir: Path, vae_cfg=None):
     if vae_cfg is not None and vae_cfg.pretrained:
         return build_vae(vae_cfg)
     ckpt = resolve_checkpoint(Path(vae_dir) / "checkpoints")
-    vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(ckpt))
+    vae = use_single_frame_convs(AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(ckpt)))
     load_weights(ckpt, vae)
     return vae.eval()
 
