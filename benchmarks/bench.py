@@ -31,36 +31,55 @@ def build_dataset(cfg, root: Path) -> Path:
     return data_vae_latents(cfg, root) / "latents"
 
 
-def time_trainer(cfg, rung_index, latents_dir, steps, warmup=5):
-    trainer = pretrain.Trainer(cfg, rung_index, latents_dir, torch.device("cpu"))
-    batches = trainer.batches()
-    for _ in range(warmup):
-        trainer.step(next(batches))
-    images, start = 0, time.perf_counter()
-    for _ in range(steps):
-        out = trainer.step(next(batches))
-        out["loss"].item()  # what the stage's logging does
-        images += out["t"].shape[0]
-    return images / (time.perf_counter() - start), trainer
+def trainer_chunk(trainer, batches):
+    """Returns a callable running n stage steps (Trainer.step, its loader, the per-step loss read) -> images."""
+
+    def run(n):
+        images = 0
+        for _ in range(n):
+            out = trainer.step(next(batches))
+            out["loss"].item()  # what the stage's logging does
+            images += out["t"].shape[0]
+        return images
+
+    return run
 
 
-def time_bare_loop(cfg, model, batches, steps, warmup=5):
+def bare_chunk(cfg, model, batches):
     """The same model, optimizer and objective, batches already in memory, nothing else."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    images, start = 0, None
-    for i in range(warmup + steps):
-        if i == warmup:
+    state = {"i": 0}
+
+    def run(n):
+        images = 0
+        for _ in range(n):
+            batch = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            loss, _, _ = flow_matching_loss(model, batch["latents"], batch["text_emb"], batch["text_mask"],
+                                            cfg.objective, cfg.scheduler, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            images += batch["latents"].shape[0]
+        return images
+
+    return run
+
+
+def interleaved_throughput(runners: dict, steps: int, rounds: int = 4, warmup: int = 5) -> dict:
+    """images/s of each runner, timed in alternating chunks so drifts in machine speed hit all of them alike."""
+    for run in runners.values():
+        run(warmup)
+    images = dict.fromkeys(runners, 0)
+    seconds = dict.fromkeys(runners, 0.0)
+    for _ in range(rounds):
+        for name, run in runners.items():
             start = time.perf_counter()
-        batch = batches[i % len(batches)]
-        loss, _, _ = flow_matching_loss(model, batch["latents"], batch["text_emb"], batch["text_mask"],
-                                        cfg.objective, cfg.scheduler, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        images += batch["latents"].shape[0] if i >= warmup else 0
-    return images / (time.perf_counter() - start)
+            images[name] += run(max(1, steps // rounds))
+            seconds[name] += time.perf_counter() - start
+    return {name: images[name] / seconds[name] for name in runners}
 
 
 def time_sampler(cfg, model, text, mask, null, null_mask, resolution, steps, repeats=3):
@@ -115,12 +134,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         latents_dir = build_dataset(cfg, Path(tmp))
 
-        trainer_ips, trainer = time_trainer(cfg, rung_index, latents_dir, args.steps)
-        # The bare loop gets a fresh copy of the same initial model and the same batches, preloaded.
-        model = pretrain.Trainer(cfg, rung_index, latents_dir, torch.device("cpu")).model
-        loader = BucketBatches(latents_dir / "shards", rung.batch_size, seed=0, buckets=trainer.buckets)
+        trainer = pretrain.Trainer(cfg, rung_index, latents_dir, torch.device("cpu"))
+        # The bare loop gets a copy of the same initial model and the stage's own first batches, preloaded.
+        model = copy.deepcopy(trainer.model)
+        loader = BucketBatches(latents_dir / "shards", rung.batch_size, seed=cfg.seed, buckets=trainer.buckets)
         batches = [b for _, b in zip(range(16), loader.batches_forever())]
-        bare_ips = time_bare_loop(cfg, copy.deepcopy(model), batches, args.steps)
+        ips = interleaved_throughput({"stage": trainer_chunk(trainer, trainer.batches()),
+                                      "bare": bare_chunk(cfg, model, batches)}, args.steps)
+        trainer_ips, bare_ips = ips["stage"], ips["bare"]
 
         loader_ips = time_loader(latents_dir, rung.batch_size, trainer.buckets, batches_wanted=100)
 

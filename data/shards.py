@@ -607,6 +607,13 @@ class BucketBatches:
         usable = len(batches) - len(batches) % self.world_size
         return batches[self.rank : usable : self.world_size]
 
+    def preload(self) -> int:
+        """With cache_in_memory, decode every shard now rather than during the first epoch (keeps decoding out of
+        the training loop). Returns the number of samples held."""
+        if not self.cache_in_memory:
+            raise ValueError("preload() needs cache_in_memory=True")
+        return sum(len(self._load(i)) for i in range(len(self._shards)))
+
     def _load(self, shard_index: int) -> list[dict]:
         shard = self._shards[shard_index]
         if shard.relpath in self._cache:

@@ -53,6 +53,8 @@ class TextEncoderConfig(Strict):
     path: str | None = None
     max_length: int = Field(32, gt=0)
     dim: int = Field(384, gt=0)
+    # Which hidden state conditions the model: -1 the last layer (Qwen-Image), 0 the token embeddings.
+    hidden_layer: int = -1
 
 
 class VaeTrainConfig(Strict):
@@ -140,11 +142,14 @@ class TrainConfig(Strict):
     rungs: list[RungConfig]
     optim: OptimConfig = OptimConfig()
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast applies on GPU only
+    # How a first rung starts: DiT's adaLN-Zero, or diffusers' default init (kept to measure the difference).
+    init: Literal["adaln_zero", "diffusers"] = "adaln_zero"
     log_every: int = Field(25, gt=0)
     checkpoint_every: int = Field(500, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     sample_every: int = Field(1000, gt=0)
-    num_workers: int = Field(0, ge=0)
+    # Hold every decoded latent in memory, decoded once before the first step (small datasets); False streams.
+    cache_in_memory: bool = True
 
     @field_validator("rungs")
     @classmethod

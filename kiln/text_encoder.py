@@ -31,8 +31,10 @@ def packaged_minilm_path() -> Path:
 class TextEncoder(torch.nn.Module):
     """captions -> (embeddings (B, L, D) float32, mask (B, L) bool). Frozen, eval mode, no grad."""
 
-    def __init__(self, kind: str = "minilm", path: str | None = None, max_length: int = 32, device="cpu", dtype=None):
+    def __init__(self, kind: str = "minilm", path: str | None = None, max_length: int = 32, device="cpu", dtype=None,
+                 hidden_layer: int = -1):
         super().__init__()
+        self.hidden_layer = hidden_layer
         from transformers import AutoModel, AutoTokenizer
 
         self.kind = kind
@@ -66,7 +68,7 @@ class TextEncoder(torch.nn.Module):
             tokens = self.tokenizer(
                 captions, max_length=self.max_length, truncation=True, padding=True, return_tensors="pt"
             ).to(self.device)
-            hidden = self.model(**tokens).last_hidden_state  # (B, L, D)
+            hidden = self.model(**tokens, output_hidden_states=True).hidden_states[self.hidden_layer]  # (B, L, D)
             mask = tokens.attention_mask.bool()  # (B, L)
             return hidden.float() * mask[..., None], mask
         return self._qwen(captions)
@@ -77,7 +79,7 @@ class TextEncoder(torch.nn.Module):
             texts, max_length=self.max_length + QWEN_TEMPLATE_DROP, truncation=True, padding=True, return_tensors="pt"
         ).to(self.device)
         out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True)
-        hidden = out.hidden_states[-1]  # (B, L_template + L, D)
+        hidden = out.hidden_states[self.hidden_layer]  # (B, L_template + L, D)
         # Keep each caption's valid tokens after the template, then right-pad to the longest.
         valid = [h[m.bool()][QWEN_TEMPLATE_DROP:] for h, m in zip(hidden, tokens.attention_mask)]
         length = max(v.shape[0] for v in valid)
@@ -91,7 +93,12 @@ class TextEncoder(torch.nn.Module):
 
 def build_text_encoder(cfg, device="cpu") -> TextEncoder:
     """From a TextEncoderConfig."""
-    encoder = TextEncoder(cfg.kind, cfg.path, cfg.max_length, device=device)
+    encoder = TextEncoder(cfg.kind, cfg.path, cfg.max_length, device=device, hidden_layer=cfg.hidden_layer)
+    layers = encoder.model.config.num_hidden_layers if cfg.kind == "minilm" else \
+        encoder.model.config.text_config.num_hidden_layers
+    if not -(layers + 1) <= cfg.hidden_layer <= layers:
+        raise ValueError(f"text_encoder.hidden_layer: {cfg.hidden_layer} is outside -{layers + 1}..{layers} "
+                         f"for the {cfg.kind} model ({layers} layers; 0 is the token embeddings)")
     if encoder.dim != cfg.dim:
         raise ValueError(f"text_encoder.dim is {cfg.dim} but the {cfg.kind} model's hidden size is {encoder.dim}")
     return encoder

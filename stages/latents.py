@@ -15,7 +15,7 @@ from kiln.vae import encode_images
 from stages.common import pick_device
 from stages.vae import image_tensor, load_vae
 
-ENCODE_BATCH = 64
+ENCODE_BATCH = 8  # measured: 56 img/s at 128 px on 2 CPU cores vs 33 at 64 (big activations thrash the caches)
 
 
 def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:

@@ -21,7 +21,7 @@ from data.buckets import buckets_for
 from data.shards import BucketBatches, read_manifest
 from kiln.checkpoint import latest_checkpoint, load_trainer_state, load_weights, resolve_checkpoint, save_checkpoint
 from kiln.flow import drop_captions, flow_matching_loss, loss_by_bucket
-from kiln.models import build_transformer, count_parameters
+from kiln.models import build_transformer, count_parameters, init_adaln_zero
 from kiln.stage_io import StageResult, hash_files
 from stages.common import load_uncond, pick_device
 
@@ -62,7 +62,9 @@ class Trainer:
                              f"(has {sorted(manifest['buckets'])})")
         self.buckets = buckets
         self.latent_channels = cfg.vae.z_dim
-        self.model = build_transformer(cfg.model, self.latent_channels, cfg.text_encoder.dim).to(device)
+        # From-scratch init; a resumed or continued rung then loads its weights over it.
+        model = build_transformer(cfg.model, self.latent_channels, cfg.text_encoder.dim)
+        self.model = (init_adaln_zero(model) if cfg.train.init == "adaln_zero" else model).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         optim = cfg.train.optim
         lr = self.rung.lr or optim.lr
@@ -83,7 +85,9 @@ class Trainer:
 
     def batches(self):
         loader = BucketBatches(self.latents_dir / "shards", self.rung.batch_size, seed=self.cfg.seed,
-                               buckets=self.buckets, start=self.position, cache_in_memory=True)
+                               buckets=self.buckets, start=self.position, cache_in_memory=self.cfg.train.cache_in_memory)
+        if self.cfg.train.cache_in_memory:
+            loader.preload()  # decode once, up front, so the training loop never waits on shard decoding
         for batch in loader.batches_forever():
             self.position = loader.position()
             yield batch

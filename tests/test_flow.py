@@ -87,3 +87,20 @@ def test_caption_dropout_replaces_with_empty_caption():
 def test_loss_by_bucket():
     buckets = loss_by_bucket(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.1, 0.15, 0.99]), 4)
     assert buckets == {0: (3.0, 2), 3: (3.0, 1)}
+
+
+def test_adaln_zero_init_starts_at_zero_velocity_and_still_learns():
+    from kiln.config import load_config
+    from kiln.flow import predict_velocity
+    from kiln.models import build_transformer, init_adaln_zero
+
+    torch.manual_seed(0)
+    model = init_adaln_zero(build_transformer(load_config("smoke").model, latent_channels=4, text_dim=384))
+    x, text = torch.randn(2, 16, 16), torch.randn(2, 5, 384)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    out = predict_velocity(model, x, torch.tensor([0.3, 0.8]), text, mask, (4, 4))
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (out - 1).square().mean().backward()
+    opt.step()
+    assert torch.count_nonzero(predict_velocity(model, x, torch.tensor([0.3, 0.8]), text, mask, (4, 4))) > 0

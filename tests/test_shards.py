@@ -267,6 +267,24 @@ def test_cache_in_memory_reads_shards_once(shard_dir, monkeypatch):
     assert cached_reads and len(cached_reads) == len(set(cached_reads))  # each shard read once over all epochs
 
 
+def test_preload_reads_every_shard_up_front_and_changes_no_batch(shard_dir, monkeypatch):
+    reads = []
+    real_read_shard = shards._read_shard
+    monkeypatch.setattr(shards, "_read_shard", lambda shard, *a: reads.append(shard.relpath) or real_read_shard(shard, *a))
+    plain = BucketBatches(shard_dir, 2, seed=0)
+    expected = [keys(plain) for _ in range(2)]
+    reads.clear()
+    loaded = BucketBatches(shard_dir, 2, seed=0, cache_in_memory=True)
+    n_samples = loaded.preload()
+    assert n_samples == sum(entry["count"] for entry in read_manifest(shard_dir)["buckets"].values())
+    assert sorted(reads) == sorted(set(reads)) and reads
+    reads.clear()
+    assert [keys(loaded) for _ in range(2)] == expected
+    assert reads == []  # nothing decoded inside the epochs
+    with pytest.raises(ValueError, match="cache_in_memory"):
+        BucketBatches(shard_dir, 2, seed=0).preload()
+
+
 def test_distributed_ranks_get_disjoint_batches(shard_dir):
     ranks = [keys(BucketBatches(shard_dir, 2, seed=0, rank=r, world_size=2)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 6

@@ -1,0 +1,73 @@
+"""Measure one training choice: retrain the pretrain ladder of an existing run with config overrides and evaluate it.
+
+Reuses the run's trained VAE (and its data and latents when the overrides leave the text encoder alone; otherwise
+the data and latents stages are rerun with the new text encoder), so a comparison costs only the DiT training.
+
+python benchmarks/ablation.py --run runs/NAME --out ablations/NAME [--set key=value ...] [--eval-prompts 36]
+
+Prints one line per rung: training seconds, final loss, and held-out / training accuracies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from kiln.config import TextEncoderConfig, load_config
+from kiln.stage_io import read_stage_manifest, write_stage_manifest
+from kiln.tracking import Tracker
+from stages import eval as eval_stage
+from stages import pretrain
+from stages.common import run_without_orchestration
+
+REPORTED = ("heldout/single/colour_shape", "heldout/single/colour", "train/single/colour_shape",
+            "heldout/count/count", "heldout/relation/relation", "heldout/all/score")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a finished pipeline run folder (runs/NAME)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--eval-prompts", type=int, default=36, help="prompts per kind and split (2 images each)")
+    args = parser.parse_args()
+    run, out = Path(args.run), Path(args.out)
+    cfg = load_config(args.preset, [*args.overrides, f"eval.prompts_per_kind={args.eval_prompts}",
+                                    "train.sample_every=1000000", "train.checkpoint_every=1000000"])
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+
+    source_encoder = TextEncoderConfig(**read_stage_manifest(run / "data")["config"]["text_encoder"])
+    if source_encoder == cfg.text_encoder:
+        latents = run / "latents"
+    else:  # the cached text embeddings are the old encoder's: re-embed, reusing the trained VAE
+        run_without_orchestration([("data", "data", {}),
+                                   ("latents", "latents", {"data": out / "data", "vae": run / "vae"})], cfg, out)
+        latents = out / "latents"
+
+    previous = None
+    for index, rung in enumerate(cfg.train.rungs):
+        stage_dir = out / f"pretrain-{rung.resolution}"
+        stage_dir.mkdir()
+        start = time.perf_counter()
+        result = pretrain.run(cfg, {"latents": latents, "vae": run / "vae", "init": previous}, stage_dir,
+                              Tracker(None), index)
+        seconds = time.perf_counter() - start
+        # load_stage reads the config and the VAE location from the stage manifest
+        write_stage_manifest(stage_dir, stage=stage_dir.name, config=cfg.model_dump(mode="json"),
+                             inputs={"vae": str(run / "vae")}, metrics=result.metrics)
+        previous = stage_dir
+        metrics = eval_stage.run(cfg, {"model": stage_dir, "vae": run / "vae"}, out / f"eval-{stage_dir.name}",
+                                 Tracker(None)).metrics
+        row = {"rung": rung.resolution, "steps": rung.steps, "train_s": round(seconds, 1),
+               "final_loss": round(result.metrics["final_loss"], 4),
+               **{key: round(metrics[f"eval/{key}"], 3) for key in REPORTED}}
+        print("ablation", json.dumps({"overrides": args.overrides, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Flow-GRPO's objective: group-normalised advantages, the PPO-style clipped surrogate and the per-step Gaussian KL
+to the reference model. Pure torch; the SDE sampler and step log-probs live in kiln/sampler.py.
+
+Parameter names follow TRL's GRPOConfig: `num_generations` (group size), `scale_rewards`, `epsilon`,
+`epsilon_high`, `beta`. One training step of a stored trajectory (Flow-GRPO's inner loop, per timestep j):
+
+    v = model(trajectory[:, j], sigmas[j])
+    log_prob, mean, std = sde_step_log_prob(v, trajectory[:, j], trajectory[:, j + 1], sigmas[j], sigmas[j + 1], ...)
+    ref_mean = sde_mean_std(ref_model(...), trajectory[:, j], sigmas[j], sigmas[j + 1], ...)[0]   # no grad
+    loss, stats = grpo_loss(log_prob, old_log_probs[:, j], advantages, beta=beta, mean=mean, ref_mean=ref_mean, std=std)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str | bool = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """(B,) advantages (r - mean_group) / (std_group + eps) for rewards (B,) laid out as TRL lays them out: B / G
+    prompts, each repeated G = num_generations times in a row.
+
+    scale_rewards: "group" or True divides by the group's std; "batch" by the whole batch's std; "none" or False
+    only centres (Dr. GRPO). std is Bessel-corrected and eps is 1e-4, as in TRL's GRPOTrainer."""
+    scale = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    if rewards.ndim != 1 or rewards.numel() % num_generations:
+        raise ValueError(f"rewards must be (B,) with B a multiple of num_generations={num_generations}")
+    grouped = rewards.float().view(-1, num_generations)  # (B/G, G)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # (B,)
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1) if num_generations > 1 else None
+    elif scale == "batch":
+        std = rewards.float().std() if rewards.numel() > 1 else None
+    else:
+        std = None
+    # A group whose rewards are all equal gets advantage 0 (centred), never a division by zero.
+    return advantages if std is None else advantages / (std + eps)
+
+
+def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, *,
+                        epsilon: float = 0.2, epsilon_high: float | None = None):
+    """PPO's clipped surrogate, -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A), averaged over the
+    batch. log_prob, old_log_prob, advantages: (B,); ratio = exp(log_prob - old_log_prob) per SDE step.
+    Returns (loss, stats) with stats detached 0-d tensors: clip fraction, approx KL to the sampling policy
+    (0.5 * mean (log-ratio)^2, Flow-GRPO's diagnostic) and mean ratio."""
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(log_prob - old_log_prob.detach())
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    loss = torch.maximum(unclipped, clipped).mean()  # the pessimistic bound: clipping only ever removes gain
+    with torch.no_grad():
+        stats = {
+            "clipfrac": ((ratio < 1 - epsilon) | (ratio > 1 + epsilon_high)).float().mean(),
+            "approx_kl": 0.5 * (log_prob - old_log_prob).pow(2).mean(),
+            "ratio": ratio.mean(),
+        }
+    return loss, stats
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std) -> torch.Tensor:
+    """(B,) KL(N(mean, std^2) || N(ref_mean, std^2)) of one SDE step, averaged over the non-batch dims like the
+    log-probs. Both policies share the step's std, so the KL is (mean - ref_mean)^2 / (2 std^2).
+
+    Flow-GRPO's train script divides by 2 s_t^2 without the |dt| in the step variance, i.e. its KL is this one times
+    |dt|; here it is the exact Gaussian KL, so a beta taken from Flow-GRPO's configs corresponds to beta / |dt|."""
+    kl = (mean - ref_mean.detach()).pow(2) / (2 * torch.as_tensor(std, dtype=mean.dtype, device=mean.device) ** 2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, *, epsilon: float = 0.2,
+              epsilon_high: float | None = None, beta: float = 0.0, mean=None, ref_mean=None, std=None):
+    """Flow-GRPO's per-step loss: clipped surrogate + beta * KL to the reference model (mean, ref_mean: (B, ...)
+    step means under the policy and the frozen reference, std the step's std; needed only when beta > 0).
+    Returns (loss, stats); stats adds "policy_loss" and, with beta > 0, "kl"."""
+    policy_loss, stats = clipped_policy_loss(log_prob, old_log_prob, advantages, epsilon=epsilon,
+                                             epsilon_high=epsilon_high)
+    stats["policy_loss"] = policy_loss.detach()
+    if beta <= 0:
+        return policy_loss, stats
+    if mean is None or ref_mean is None or std is None:
+        raise ValueError("beta > 0 needs the policy's and the reference's step means and the step std")
+    kl = gaussian_kl(mean, ref_mean, std).mean()
+    stats["kl"] = kl.detach()
+    return policy_loss + beta * kl, stats
