@@ -4,8 +4,10 @@ Reuses the run's trained VAE (and its data and latents when the overrides leave 
 the data and latents stages are rerun with the new text encoder), so a comparison costs only the DiT training.
 
 python benchmarks/ablation.py --run runs/NAME --out ablations/NAME [--set key=value ...] [--eval-prompts 36]
+python benchmarks/ablation.py --run runs/NAME --out ablations/NAME-eval --eval-only   # the run's own rungs
 
-Prints one line per rung: training seconds, final loss, and held-out / training accuracies.
+Prints one line per rung: training seconds, final loss, and held-out / training accuracies (the same larger eval
+for every row, so rows compare).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from kiln.config import TextEncoderConfig, load_config
+from kiln.config import TextEncoderConfig, config_from_dict, load_config
 from kiln.stage_io import read_stage_manifest, write_stage_manifest
 from kiln.tracking import Tracker
 from stages import eval as eval_stage
@@ -34,12 +36,20 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--eval-prompts", type=int, default=36, help="prompts per kind and split (2 images each)")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the run's own pretrain rungs, no training")
     args = parser.parse_args()
     run, out = Path(args.run), Path(args.out)
     cfg = load_config(args.preset, [*args.overrides, f"eval.prompts_per_kind={args.eval_prompts}",
                                     "train.sample_every=1000000", "train.checkpoint_every=1000000"])
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    if args.eval_only:  # the run's own config (from its data stage's manifest), with the larger eval
+        tree = read_stage_manifest(run / "data")["config"]
+        cfg = config_from_dict({**tree, "eval": {**tree["eval"], "prompts_per_kind": args.eval_prompts}})
+        for rung in cfg.train.rungs:
+            stage_dir = run / f"pretrain-{rung.resolution}"
+            report(cfg, stage_dir, run, out, rung, read_stage_manifest(stage_dir)["metrics"], seconds=None)
+        return
 
     source_encoder = TextEncoderConfig(**read_stage_manifest(run / "data")["config"]["text_encoder"])
     if source_encoder == cfg.text_encoder:
@@ -61,12 +71,16 @@ def main() -> None:
         write_stage_manifest(stage_dir, stage=stage_dir.name, config=cfg.model_dump(mode="json"),
                              inputs={"vae": str(run / "vae")}, metrics=result.metrics)
         previous = stage_dir
-        metrics = eval_stage.run(cfg, {"model": stage_dir, "vae": run / "vae"}, out / f"eval-{stage_dir.name}",
-                                 Tracker(None)).metrics
-        row = {"rung": rung.resolution, "steps": rung.steps, "train_s": round(seconds, 1),
-               "final_loss": round(result.metrics["final_loss"], 4),
-               **{key: round(metrics[f"eval/{key}"], 3) for key in REPORTED}}
-        print("ablation", json.dumps({"overrides": args.overrides, **row}), flush=True)
+        report(cfg, stage_dir, run, out, rung, result.metrics, seconds)
+
+
+def report(cfg, stage_dir: Path, run: Path, out: Path, rung, train_metrics: dict, seconds: float | None) -> None:
+    metrics = eval_stage.run(cfg, {"model": stage_dir, "vae": run / "vae"}, out / f"eval-{stage_dir.name}",
+                             Tracker(None)).metrics
+    row = {"stage": str(stage_dir), "steps": rung.steps, "train_s": seconds and round(seconds, 1),
+           "final_loss": round(train_metrics["final_loss"], 4),
+           **{key: round(metrics[f"eval/{key}"], 3) for key in REPORTED}}
+    print("ablation", json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
