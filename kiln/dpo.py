@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.flow import pack, predict_velocity
+from kiln.flow import pack, velocity_errors
 
 
 def diffusion_dpo_loss(policy_chosen_err: torch.Tensor, policy_rejected_err: torch.Tensor,
@@ -48,10 +48,7 @@ def flow_matching_errors(model, latents: torch.Tensor, text: torch.Tensor, mask:
 
     latents, noise: (B, C, h, w) normalised x0 and its noise; text: (B, L, D); mask: (B, L); t: (B,) in [0, 1]."""
     _, _, h, w = latents.shape
-    x0, eps = pack(latents), pack(noise)  # (B, N, C*4)
-    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-    pred = predict_velocity(model, x_t, t, text, mask, (h // 2, w // 2))
-    return (pred.float() - (eps - x0).float()).pow(2).mean(dim=(1, 2))
+    return velocity_errors(model, pack(latents), pack(noise), t, text, mask, (h // 2, w // 2))  # packed: (B, N, C*4)
 
 
 def preference_errors(model, chosen: torch.Tensor, rejected: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,

@@ -85,11 +85,16 @@ def flow_matching_loss(model, latents, text, mask, objective, sched, generator=N
     x0 = pack(latents)  # (B, N, C*4)
     t = sample_timesteps(b, x0.shape[1], objective, sched, generator, latents.device)  # (B,)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    target = noise - x0
-    pred = predict_velocity(model, x_t, t, text, mask, (h // 2, w // 2))
-    per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2))  # (B,)
+    per_sample = velocity_errors(model, x0, noise, t, text, mask, (h // 2, w // 2))  # (B,)
     return per_sample.mean(), per_sample, t
+
+
+def velocity_errors(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text, mask, grid) -> torch.Tensor:
+    """(B,) per-sample MSE between the predicted velocity at x_t and the target noise - x0, for a given t and noise.
+    x0, noise: (B, N, C*4) packed tokens; t: (B,). The objective's core, shared with Diffusion-DPO."""
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    pred = predict_velocity(model, x_t, t, text, mask, grid)
+    return (pred.float() - (noise - x0).float()).pow(2).mean(dim=(1, 2))
 
 
 def loss_by_bucket(per_sample: torch.Tensor, t: torch.Tensor, buckets: int) -> dict[int, tuple[float, int]]:

@@ -36,8 +36,8 @@ def count_parameters(model: torch.nn.Module) -> int:
 def init_adaln_zero(model: torch.nn.Module) -> torch.nn.Module:
     """DiT's adaLN-Zero initialisation for a model trained from scratch: every modulation (shift, scale, gate) and
     the output projection start at zero, so each block starts as the identity and the first prediction is zero.
-    diffusers leaves these at PyTorch's default init, which is fine for loading pretrained weights but trains
-    markedly slower from scratch (DiT, Peebles & Xie 2023, section 3.2)."""
+    diffusers leaves these at PyTorch's default init, which is fine for loading pretrained weights; DiT (Peebles &
+    Xie 2023, section 3.2) found adaLN-Zero trains best from scratch."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and (
             name.endswith(("img_mod.1", "txt_mod.1")) or name in ("norm_out.linear", "proj_out")
