@@ -332,8 +332,13 @@ class PlacedObject:
     size: int
 
 
-# Object side as a fraction of min(width, height); smaller for crowded scenes.
-SIZE_RANGES = {1: (0.22, 0.32), 2: (0.20, 0.28), 3: (0.18, 0.25), 4: (0.17, 0.23)}
+# Object side as a fraction of min(width, height), keyed by object count; smaller for
+# crowded scenes. Single objects are large so that circle, square and triangle differ
+# over many latent cells (at 128 px a side of 0.34-0.48 is 5-8 cells of an 8x VAE):
+# shape is then a large part of the loss, not a few corner pixels.
+SIZE_RANGES = {1: (0.34, 0.48), 2: (0.26, 0.34), 3: (0.22, 0.28), 4: (0.19, 0.25)}
+# Relation objects: two must fit one object-side apart along the relation's axis.
+RELATION_SIZE_RANGE = (0.24, 0.32)
 MAX_PLACEMENT_TRIES = 300
 MIN_OBJECT_SIDE = 4
 
@@ -382,8 +387,7 @@ def _layout(spec: SceneSpec, width: int, height: int, rng: random.Random) -> lis
     short = min(width, height)
     pad = max(1, round(0.03 * short))  # keep shapes off the image border
     gap = max(3, round(0.06 * short))  # space between shapes so they never touch
-    # Relation objects use the single-object sizes: two of them fit easily.
-    lo, hi = SIZE_RANGES[1 if spec.kind == "relation" else n_objects]
+    lo, hi = RELATION_SIZE_RANGE if spec.kind == "relation" else SIZE_RANGES[n_objects]
     base = rng.uniform(lo, hi) * short
 
     while True:

@@ -1,4 +1,5 @@
-"""The Kiln pipeline as a Prefect flow: data -> vae -> latents -> pretrain rungs (each followed by eval).
+"""The Kiln pipeline as a Prefect flow: data -> vae -> latents -> pretrain rungs -> sft -> preference -> reward ->
+dpo -> grpo, with an eval stage after every stage that trains the generator.
 
 Every stage is a Prefect task tagged `gpu` and an MLflow child run nested in the pipeline's parent run. A stage
 whose output folder already holds a manifest with the same cache key (same stage config, same input content,
@@ -25,6 +26,11 @@ STAGE_SECTIONS = {
     "latents": ("vae",),
     "pretrain": ("seed", "model", "objective", "scheduler", "train", "text_encoder"),
     "eval": ("eval", "sampler", "scheduler"),
+    "sft": ("seed", "sft", "model", "objective", "scheduler", "train", "text_encoder", "data.aspect_ratios"),
+    "preference": ("preference", "sampler.negative_prompt", "scheduler", "eval.resolution", "data.holdout_seed"),
+    "reward": ("seed", "reward"),
+    "dpo": ("seed", "dpo", "objective", "scheduler", "train.log_every"),
+    "grpo": ("grpo", "sampler.negative_prompt", "scheduler", "data.holdout_seed", "train.checkpoint_every"),
 }
 
 
@@ -34,12 +40,13 @@ def _stage_config(cfg: KilnConfig, kind: str, rung_index: int | None) -> dict:
     for section in STAGE_SECTIONS[kind]:
         if section == "train.rungs.resolution":
             out[section] = [r["resolution"] for r in tree["train"]["rungs"]]
-        elif section == "sampler.negative_prompt":
-            out[section] = tree["sampler"]["negative_prompt"]
         elif section == "train" and rung_index is not None:
             out[section] = {**tree["train"], "rungs": tree["train"]["rungs"][rung_index]}
-        else:
-            out[section] = tree[section]
+        else:  # a section or a dotted key inside one
+            node = tree
+            for part in section.split("."):
+                node = node[part]
+            out[section] = node
     return out
 
 
@@ -89,6 +96,51 @@ def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str
     return str(out_dir)
 
 
+def _post_training(cfg: KilnConfig, outputs: dict, last: str, common: dict) -> None:
+    """sft -> preference -> reward -> dpo -> grpo (those in cfg.post_training), each generator stage evaluated."""
+    post, vae = cfg.post_training, outputs["vae"]
+
+    def evaluate(name: str) -> None:
+        outputs[f"eval-{name}"] = stage_task(f"eval-{name}", "eval", inputs={"model": outputs[name]}, **common)
+
+    if "sft" in post:
+        outputs["sft"] = stage_task("sft", "sft", inputs={"latents": outputs["latents"], "vae": vae, "init": last},
+                                    **common)
+        evaluate("sft")
+        last = outputs["sft"]
+    if "preference" in post:
+        outputs["preference"] = stage_task("preference", "preference", inputs={"model": last, "vae": vae}, **common)
+    if "reward" in post:
+        outputs["reward"] = stage_task("reward", "reward", inputs={"pairs": outputs["preference"], "vae": vae},
+                                       **common)
+    if "dpo" in post:
+        outputs["dpo"] = stage_task("dpo", "dpo", inputs={"pairs": outputs["preference"], "init": last, "vae": vae},
+                                    **common)
+        evaluate("dpo")
+        last = outputs["dpo"]
+    if "grpo" in post:
+        outputs["grpo"] = stage_task("grpo", "grpo", inputs={"init": last, "vae": vae, "reward": outputs.get("reward")},
+                                     **common)
+        evaluate("grpo")
+
+
+COMPARISON_METRICS = {
+    "heldout single colour+shape": "eval/heldout/single/colour_shape",
+    "heldout count": "eval/heldout/count/count",
+    "heldout relation": "eval/heldout/relation/relation",
+    "heldout reward": "eval/heldout/all/score",
+    "train single colour+shape": "eval/train/single/colour_shape",
+    "train reward": "eval/train/all/score",
+}
+
+
+def comparison_rows(evals: dict[str, dict]) -> list[dict]:
+    """One row per evaluated stage, the columns people compare stages by."""
+    return [{"stage": name.removeprefix("eval-"),
+             **{label: metrics.get(key) for label, key in COMPARISON_METRICS.items()}}
+            for name, metrics in evals.items()]
+
+
 def default_run_name(cfg: KilnConfig) -> str:
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -121,13 +173,16 @@ def pipeline(preset: str = "tiny", overrides: list[str] | None = None, run_name:
                                        inputs={"latents": outputs["latents"], "vae": outputs["vae"], "init": previous})
             outputs[f"eval-{name}"] = stage_task(f"eval-{name}", "eval", inputs={"model": outputs[name]}, **common)
             previous = outputs[name]
+        _post_training(cfg, outputs, previous, common)
     except BaseException:
         if parent:
             parent.end("FAILED")
         raise
     if parent:
-        final_eval = read_stage_manifest(Path(outputs[f"eval-pretrain-{cfg.train.rungs[-1].resolution}"]))
-        parent.log_metrics(final_eval.get("metrics", {}))
+        evals = {name: read_stage_manifest(Path(path)).get("metrics", {}) for name, path in outputs.items()
+                 if name.startswith("eval-")}
+        parent.log_metrics(list(evals.values())[-1])  # the final model's evaluation
+        parent.log_table(comparison_rows(evals), "stage_comparison.json")
         parent.set_tags({"kiln.run_dir": str(run_root.resolve())})
         parent.end()
     return outputs

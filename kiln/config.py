@@ -169,6 +169,105 @@ class EvalConfig(Strict):
     seed: int = 0
 
 
+POST_TRAINING_STAGES = ("sft", "preference", "reward", "dpo", "grpo")
+
+
+class SftConfig(Strict):
+    """Supervised fine-tuning of the last rung on a subset chosen by stricter curation settings."""
+
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    # Clean and centred: every object's bounding square lies inside [margin, 1 - margin] of the image.
+    centre_margin: float = Field(0.08, ge=0, lt=0.5)
+    # Well separated: objects at least this far apart (fraction of the short side) along some axis.
+    min_gap: float = Field(0.1, ge=0, lt=1)
+    # Equal numbers of single, count and relation scenes (downsampled to the rarest kind).
+    balance_kinds: bool = True
+
+
+class PreferenceConfig(Strict):
+    """Preference pairs: K samples per prompt from the current model, best vs worst by the judge; or loaded pairs."""
+
+    judge: Literal["verifier", "reward_model"] = "verifier"
+    reward_model: str | None = None  # a reward stage output folder, for judge: reward_model
+    # Pairs with human labels in Pick-a-Pic's layout (a parquet file, a folder datasets can load, or a hub id);
+    # when set, nothing is sampled and the judge is the labels.
+    dataset: str | None = None
+    dataset_split: str = "train"
+    caption_column: str = "caption"
+    image_columns: list[str] = ["jpg_0", "jpg_1"]
+    label_column: str = "label_0"  # 1: image 0 preferred, 0: image 1, 0.5: tie (dropped)
+    prompts: int = Field(96, gt=0)
+    samples_per_prompt: int = Field(4, ge=2)
+    steps: int = Field(20, gt=0)
+    cfg: float = Field(4.0, ge=1.0)
+    batch_size: int = Field(32, gt=0)
+    seed: int = 1
+
+    @field_validator("image_columns")
+    @classmethod
+    def _two_images(cls, columns: list[str]) -> list[str]:
+        if len(columns) != 2:
+            raise ValueError("needs exactly two image columns")
+        return columns
+
+
+class RewardModelConfig(Strict):
+    """The learned reward model (image + frozen caption embedding -> scalar), trained with Bradley-Terry."""
+
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    channels: list[int] = [16, 32, 64]
+    hidden: int = Field(64, gt=0)
+
+
+class DpoConfig(Strict):
+    """Diffusion-DPO; names follow TRL's DPOConfig."""
+
+    beta: float = Field(500.0, gt=0)
+    learning_rate: float = Field(2e-5, gt=0)
+    max_steps: int = Field(150, gt=0)
+    per_device_train_batch_size: int = Field(16, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class GrpoConfig(Strict):
+    """Flow-GRPO; names follow TRL's GRPOConfig where TRL has one (beta, epsilon, num_generations, ...)."""
+
+    reward: Literal["verifier", "reward_model", "weighted"] = "verifier"
+    reward_model: str | None = None  # a reward stage output folder; the pipeline passes its own
+    reward_weights: dict[str, float] = {"verifier": 1.0, "reward_model": 1.0}  # for reward: weighted
+    num_generations: int = Field(8, ge=2)  # group size G: images per prompt
+    prompts_per_step: int = Field(4, gt=0)
+    max_steps: int = Field(20, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    beta: float = Field(0.01, ge=0)  # KL penalty to the reference model
+    epsilon: float = Field(0.2, gt=0)  # PPO clip range
+    epsilon_high: float | None = None
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    num_iterations: int = Field(1, gt=0)  # optimisation passes over each sampled batch (TRL's mu)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # Sampling during training: fewer steps than evaluation, SDE noise level a in s_t = a sqrt(t / (1 - t)).
+    num_inference_steps: int = Field(10, gt=1)
+    noise_level: float = Field(0.7, gt=0)
+    cfg: float = Field(4.0, ge=1.0)
+    # Fraction of the denoising steps trained on per sample (Flow-GRPO's timestep_fraction); the rest only sampled.
+    timestep_fraction: float = Field(0.6, gt=0, le=1)
+    seed: int = 2
+
+    @field_validator("reward_weights")
+    @classmethod
+    def _known_rewards(cls, weights: dict[str, float]) -> dict[str, float]:
+        unknown = set(weights) - {"verifier", "reward_model"}
+        if unknown:
+            raise ValueError(f"unknown reward(s) {sorted(unknown)}, expected 'verifier' and/or 'reward_model'")
+        return weights
+
+
 class KilnConfig(Strict):
     name: str = "tiny"
     seed: int = 0
@@ -184,6 +283,13 @@ class KilnConfig(Strict):
     sampler: SamplerConfig = SamplerConfig()
     train: TrainConfig
     eval: EvalConfig = EvalConfig()
+    # Post-training stages the pipeline runs after the last rung, in this order (any subset; dpo needs preference).
+    post_training: list[Literal["sft", "preference", "reward", "dpo", "grpo"]] = list(POST_TRAINING_STAGES)
+    sft: SftConfig = SftConfig()
+    preference: PreferenceConfig = PreferenceConfig()
+    reward: RewardModelConfig = RewardModelConfig()
+    dpo: DpoConfig = DpoConfig()
+    grpo: GrpoConfig = GrpoConfig()
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> "KilnConfig":
@@ -193,6 +299,15 @@ class KilnConfig(Strict):
                 raise ValueError(f"train.rungs resolution {rung.resolution} must be a multiple of {multiple}")
         if self.eval.resolution and self.eval.resolution % multiple:
             raise ValueError(f"eval.resolution {self.eval.resolution} must be a multiple of {multiple}")
+        post = self.post_training
+        if post != sorted(post, key=POST_TRAINING_STAGES.index) or len(set(post)) != len(post):
+            raise ValueError(f"post_training stages must be distinct and in the order {list(POST_TRAINING_STAGES)}")
+        if "dpo" in post and "preference" not in post:
+            raise ValueError("post_training: dpo needs the preference stage")
+        if "reward" in post and "preference" not in post:
+            raise ValueError("post_training: reward needs the preference stage")
+        if self.grpo.reward != "verifier" and "reward" not in post and not self.grpo.reward_model:
+            raise ValueError(f"grpo.reward {self.grpo.reward!r} needs the reward stage or grpo.reward_model")
         return self
 
     def digest(self, section: str | None = None) -> str:
@@ -213,6 +328,8 @@ def _format_error(err: ValidationError) -> str:
     if first["type"] == "missing":
         return f"config: missing key '{key}'"
     msg = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:  # a cross-field check: the message names its keys; the input is the whole tree
+        return f"config: {msg}"
     return f"config: bad value for '{key}': {msg} (got {first.get('input')!r})"
 
 

@@ -41,9 +41,10 @@ def write_json(path: Path, data) -> None:
     Path(path).write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
-def run_without_orchestration(stages: list[tuple[str, str, dict]], cfg, root: Path) -> Path:
+def run_without_orchestration(stages: list[tuple[str, str, dict]], cfg, root: Path, make_tracker=None) -> Path:
     """Run (name, stage module, inputs) in order as plain functions, no Prefect and no MLflow, writing the same
-    manifests the flow writes. For tests and benchmarks that need real upstream outputs quickly."""
+    manifests the flow writes. For tests and benchmarks that need real upstream outputs quickly.
+    make_tracker(out_dir) -> Tracker-like object, to keep what the stages log (default: log nothing)."""
     import importlib
 
     from kiln.stage_io import write_stage_manifest
@@ -52,9 +53,10 @@ def run_without_orchestration(stages: list[tuple[str, str, dict]], cfg, root: Pa
     for name, module, inputs in stages:
         out_dir = Path(root) / name
         out_dir.mkdir(parents=True, exist_ok=True)
-        result = importlib.import_module(f"stages.{module}").run(cfg, inputs, out_dir, Tracker(None))
+        tracker = make_tracker(out_dir) if make_tracker else Tracker(None)
+        result = importlib.import_module(f"stages.{module}").run(cfg, inputs, out_dir, tracker)
         write_stage_manifest(out_dir, stage=name, content_hash=result.content_hash, config=cfg.model_dump(mode="json"),
-                             inputs={k: str(v) for k, v in inputs.items()})
+                             inputs={k: str(v) for k, v in inputs.items()}, metrics=result.metrics)
     return Path(root)
 
 

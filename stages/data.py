@@ -19,6 +19,16 @@ from stages.common import pick_device, save_uncond
 EMBED_BATCH = 256
 
 
+def object_boxes(placed, width: int, height: int) -> list[list[float]]:
+    """Each object's bounding square as [x0, y0, x1, y1] in fractions of the image (curation reads these)."""
+    boxes = []
+    for obj in placed:
+        half = obj.size / 2
+        boxes.append([round((obj.cx - half) / width, 4), round((obj.cy - half) / height, 4),
+                      round((obj.cx + half) / width, 4), round((obj.cy + half) / height, 4)])
+    return boxes
+
+
 def _resolutions(cfg) -> list[int]:
     return sorted({r.resolution for r in cfg.train.rungs})
 
@@ -42,7 +52,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                 emb, mask = encoder(captions)  # (B, L, D), (B, L)
                 for i, (spec, text) in enumerate(zip(specs, captions)):
                     width, height = buckets[rng.randrange(len(buckets))]
-                    image, _ = render(spec, width, height, rng)
+                    image, placed = render(spec, width, height, rng)
                     length = int(mask[i].sum())
                     writer.write(
                         bucket=(width, height),
@@ -51,7 +61,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                         image=image,
                         tensors={"text_emb": emb[i, :length].half().cpu().numpy(),
                                  "text_mask": mask[i, :length].cpu().numpy()},
-                        meta={"kind": spec.kind, "resolution": resolution},
+                        meta={"kind": spec.kind, "resolution": resolution, "objects": object_boxes(placed, width, height)},
                     )
                     counts[spec.kind] = counts.get(spec.kind, 0) + 1
                 bar.update(len(specs))

@@ -47,8 +47,9 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 class Trainer:
     """Everything one rung needs; `step()` is one optimisation step on one bucket-homogeneous batch."""
 
-    def __init__(self, cfg, rung_index: int, latents_dir: Path, device: torch.device):
-        self.cfg, self.rung = cfg, cfg.train.rungs[rung_index]
+    def __init__(self, cfg, rung_index: int, latents_dir: Path, device: torch.device, rung=None):
+        # rung: a RungConfig to train instead of cfg.train.rungs[rung_index] (SFT trains one past the ladder).
+        self.cfg, self.rung = cfg, rung or cfg.train.rungs[rung_index]
         self.device = device
         torch.manual_seed(cfg.seed * 1000 + rung_index)  # model init is part of the run's determinism
         manifest = read_manifest(Path(latents_dir) / "shards")
@@ -147,16 +148,24 @@ class Trainer:
 
 
 def run(cfg, inputs: dict, out_dir: Path, tracker, rung_index: int = 0) -> StageResult:
+    out_dir = Path(out_dir)
+    trainer = Trainer(cfg, rung_index, Path(inputs["latents"]), pick_device(cfg.device))
+    last_loss = fit(cfg, trainer, inputs, out_dir, tracker, f"pretrain {trainer.rung.resolution}px")
+    metrics = {"final_loss": last_loss, "steps": trainer.step_count}
+    return StageResult(f"pretrain-{trainer.rung.resolution}", out_dir, metrics, hash_files(out_dir / "checkpoints"))
+
+
+def fit(cfg, trainer: Trainer, inputs: dict, out_dir: Path, tracker, label: str) -> float:
+    """Train `trainer` to its rung's step count: resume from out_dir's latest checkpoint, else start from
+    inputs["init"] (a previous stage's output) when given. Logs to `tracker`, writes checkpoints and sample grids,
+    tags the final checkpoint. Returns the last logged loss."""
     from stages.sampling import log_samples  # noqa: PLC0415 - keeps sampling out of the trainer's import path
 
-    out_dir = Path(out_dir)
-    device = pick_device(cfg.device)
-    trainer = Trainer(cfg, rung_index, Path(inputs["latents"]), device)
     rung = trainer.rung
     ckpt = latest_checkpoint(out_dir / "checkpoints")
     if ckpt is not None:
         trainer.resume(ckpt)
-        tqdm.write(f"pretrain: resuming {out_dir.name} from {ckpt.name}")
+        tqdm.write(f"{label}: resuming {out_dir.name} from {ckpt.name}")
     elif inputs.get("init"):
         trainer.init_from(Path(inputs["init"]))
     if trainer.step_count == 0:
@@ -165,7 +174,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker, rung_index: int = 0) -> Stage
     log_every, buckets = cfg.train.log_every, cfg.objective.loss_buckets
     window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "images": 0, "start": time.perf_counter()}
     bucket_sums: dict[int, list[float]] = {}
-    bar = tqdm(total=rung.steps, initial=trainer.step_count, desc=f"pretrain {rung.resolution}px", unit="step")
+    bar = tqdm(total=rung.steps, initial=trainer.step_count, desc=label, unit="step")
     batches = trainer.batches()
     last_loss = float("nan")
     while trainer.step_count < rung.steps:
@@ -180,7 +189,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker, rung_index: int = 0) -> Stage
             acc[0] += total
             acc[1] += count
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"pretrain: loss is {loss_value} at step {trainer.step_count}; "
+            raise FloatingPointError(f"{label}: loss is {loss_value} at step {trainer.step_count}; "
                                      f"last good checkpoint: {latest_checkpoint(out_dir / 'checkpoints')}")
         step = trainer.step_count
         bar.update(1)
@@ -205,8 +214,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker, rung_index: int = 0) -> Stage
     bar.close()
     final = trainer.save(out_dir)
     tracker.set_tags({"kiln.checkpoint": str(final.resolve())})
-    metrics = {"final_loss": last_loss, "steps": trainer.step_count}
-    return StageResult(f"pretrain-{rung.resolution}", out_dir, metrics, hash_files(out_dir / "checkpoints"))
+    return last_loss
 
 
 def main() -> None:

@@ -77,6 +77,10 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     if len(images) <= PSNR_IMAGES:
         raise ValueError(f"vae: need more than {PSNR_IMAGES} images to train and measure, got {len(images)}")
     held, train = images[:PSNR_IMAGES], images[PSNR_IMAGES:]
+    smallest = min(min(img.shape[1:]) for img in train)
+    if tcfg.crop > smallest:  # every crop in a batch must have the same size
+        raise ValueError(f"vae: vae.train.crop={tcfg.crop} is larger than the smallest image side {smallest} "
+                         f"(bucket sizes come from the rungs and data.aspect_ratios)")
 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)

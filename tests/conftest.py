@@ -11,6 +11,7 @@ os.environ.setdefault("PREFECT_HOME", str(_TMP / "prefect"))
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_TMP / 'mlflow.db'}"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["HF_DATASETS_CACHE"] = str(_TMP / "hf-datasets")
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +30,47 @@ def smoke_config():
 
 
 @pytest.fixture(scope="session")
+def smoke_latents(tmp_path_factory):
+    """data -> vae -> latents on the smoke preset, as plain functions (no Prefect, no MLflow)."""
+    from kiln.config import load_config
+    from stages.common import data_vae_latents
+
+    return data_vae_latents(load_config("smoke"), tmp_path_factory.mktemp("stages"))
+
+
+@pytest.fixture(scope="session")
 def text_encoder(smoke_config):
     from kiln.text_encoder import build_text_encoder
 
     return build_text_encoder(smoke_config.text_encoder)
+
+
+def write_pickapic_parquet(path: Path, n: int = 12, seed: int = 0) -> Path:
+    """A tiny preference dataset in Pick-a-Pic's layout: caption, jpg_0, jpg_1 (encoded images), label_0 (1: image 0
+    preferred, 0: image 1, 0.5: tie). The preferred image renders the caption; the other renders another scene."""
+    import io
+    import random
+
+    import pandas as pd
+
+    from data.synthetic import caption, make_holdout, render, sample_spec
+
+    rng, holdout, rows = random.Random(seed), make_holdout(1234), []
+    for i in range(n):
+        spec, other = (sample_spec(rng, holdout, "train", "single") for _ in range(2))
+        good, bad = render(spec, 80, 64, rng)[0], render(other, 64, 64, rng)[0]
+        label = (1.0, 0.0, 0.5)[i % 3]
+        first, second = (good, bad) if label >= 0.5 else (bad, good)
+        cells = []
+        for image in (first, second):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            cells.append(buffer.getvalue())
+        rows.append({"caption": caption(spec, rng), "jpg_0": cells[0], "jpg_1": cells[1], "label_0": label})
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pickapic_parquet(tmp_path_factory):
+    return write_pickapic_parquet(tmp_path_factory.mktemp("pickapic") / "pairs.parquet")

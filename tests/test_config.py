@@ -63,3 +63,23 @@ def test_tiny_model_builds():
     out = model(hidden_states=x, encoder_hidden_states=torch.randn(2, 5, 384), timestep=torch.rand(2),
                 img_shapes=[[(1, 4, 4)]] * 2, return_dict=False)[0]
     assert out.shape == x.shape
+
+
+def test_post_training_options_keep_trl_vocabulary():
+    """DPO and GRPO options named after TRL's DPOConfig / GRPOConfig fields mean what TRL means by them."""
+    import dataclasses
+
+    from trl import DPOConfig, GRPOConfig
+
+    from kiln.config import DpoConfig, GrpoConfig
+
+    trl_dpo = {f.name for f in dataclasses.fields(DPOConfig)}
+    trl_grpo = {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert {"beta", "learning_rate", "max_steps", "per_device_train_batch_size", "warmup_steps",
+            "max_grad_norm"} == set(DpoConfig.model_fields) & trl_dpo
+    shared = {"beta", "epsilon", "epsilon_high", "num_generations", "scale_rewards", "num_iterations",
+              "learning_rate", "max_steps", "max_grad_norm", "reward_weights", "seed"}
+    assert shared == set(GrpoConfig.model_fields) & trl_grpo
+    assert set(GrpoConfig.model_fields) - shared == {  # diffusion-specific, no TRL counterpart
+        "reward", "reward_model", "prompts_per_step", "num_inference_steps", "noise_level", "cfg",
+        "timestep_fraction"}

@@ -8,20 +8,23 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-STAGES = ["data", "vae", "latents", "pretrain-32", "eval-pretrain-32", "pretrain-64", "eval-pretrain-64"]
+STAGES = ["data", "vae", "latents", "pretrain-32", "eval-pretrain-32", "pretrain-64", "eval-pretrain-64",
+          "sft", "eval-sft", "preference", "reward", "dpo", "eval-dpo", "grpo", "eval-grpo"]
 
 
 @pytest.fixture(scope="module")
-def smoke_run(prefect_harness, tmp_path_factory):
+def smoke_run(prefect_harness, tmp_path_factory, pickapic_parquet):
     from flows.pipeline import pipeline
 
     root = tmp_path_factory.mktemp("runs")
-    outputs = pipeline(preset="smoke", overrides=[f"run_dir={root}", "experiment=kiln-e2e"], run_name="e2e")
-    return root, outputs
+    # A smoke model draws nothing the verifier can tell apart, so its preference pairs come from a labelled dataset.
+    overrides = [f"run_dir={root}", "experiment=kiln-e2e", f"preference.dataset={pickapic_parquet}"]
+    outputs = pipeline(preset="smoke", overrides=overrides, run_name="e2e")
+    return root, outputs, overrides
 
 
 def test_every_stage_writes_its_output(smoke_run):
-    root, outputs = smoke_run
+    root, outputs, _ = smoke_run
     assert list(outputs) == STAGES
     for name in STAGES:
         manifest = json.loads((root / "e2e" / name / "manifest.json").read_text())
@@ -51,6 +54,16 @@ def test_mlflow_parent_and_children(smoke_run):
     assert "eval/heldout/single/colour_shape" in evaluation.data.metrics
     artifacts = [a.path for a in client.list_artifacts(evaluation.info.run_id)]
     assert "verifier_table.json" in artifacts
+    for stage in ("sft", "dpo", "grpo"):
+        assert "eval/heldout/single/colour_shape" in by_stage[f"eval-{stage}"].data.metrics
+    assert "reward/val_accuracy" in by_stage["reward"].data.metrics
+    assert "preference/pairs" in by_stage["preference"].data.metrics
+    assert {"train/kl", "train/reward"} <= set(by_stage["grpo"].data.metrics)
+    parent_artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
+    assert "stage_comparison.json" in parent_artifacts
+    table = json.loads(Path(client.download_artifacts(parents[0].info.run_id, "stage_comparison.json")).read_text())
+    stages = [row[table["columns"].index("stage")] for row in table["data"]]
+    assert stages == ["pretrain-32", "pretrain-64", "sft", "dpo", "grpo"]
     images = [a.path for a in client.list_artifacts(pretrain.info.run_id, "images")]
     assert images, "sample grids logged during training"
 
@@ -58,15 +71,15 @@ def test_mlflow_parent_and_children(smoke_run):
 def test_rerun_skips_finished_stages(smoke_run, prefect_harness):
     from flows.pipeline import pipeline
 
-    root, _ = smoke_run
+    root, _, overrides = smoke_run
     before = {p: p.stat().st_mtime for p in (root / "e2e").glob("*/manifest.json")}
-    pipeline(preset="smoke", overrides=[f"run_dir={root}", "experiment=kiln-e2e"], run_name="e2e")
+    pipeline(preset="smoke", overrides=overrides, run_name="e2e")
     after = {p: p.stat().st_mtime for p in (root / "e2e").glob("*/manifest.json")}
     assert before == after
 
 
 def test_generate_cli_writes_pngs(smoke_run, tmp_path):
-    root, outputs = smoke_run
+    root, outputs, _ = smoke_run
     out = tmp_path / "png"
     result = subprocess.run(
         [sys.executable, "-m", "kiln.cli", "generate", "--from", outputs["pretrain-64"], "--prompt", "a red circle",
@@ -102,7 +115,7 @@ def test_empty_data_folder_is_one_line_and_keeps_outputs(smoke_run, tmp_path):
     from kiln.tracking import Tracker
     from stages import pretrain
 
-    root, outputs = smoke_run
+    root, outputs, _ = smoke_run
     empty = tmp_path / "empty"
     empty.mkdir()
     stage_out = Path(outputs["pretrain-64"])

@@ -8,13 +8,6 @@ from kiln.checkpoint import latest_checkpoint, list_checkpoints
 from kiln.config import load_config
 from kiln.tracking import Tracker
 from stages import pretrain
-from stages.common import data_vae_latents
-
-
-@pytest.fixture(scope="module")
-def smoke_latents(tmp_path_factory):
-    """data -> vae -> latents on the smoke preset, as plain functions (no Prefect, no MLflow)."""
-    return data_vae_latents(load_config("smoke"), tmp_path_factory.mktemp("stages"))
 
 
 def _run(cfg, root, out, crash_at=None, monkeypatch=None):
@@ -72,8 +65,8 @@ def test_next_rung_starts_from_previous_weights(smoke_latents, tmp_path):
 
 
 @pytest.mark.parametrize("init, expected", [
-    ("adaln_zero", [2.66558, 2.86322, 2.45906]),
-    ("diffusers", [3.24388, 3.39851, 2.8842]),
+    ("adaln_zero", [2.62187, 2.88669, 2.53514]),
+    ("diffusers", [2.93747, 3.2862, 2.76388]),
 ])
 def test_first_losses_regression(smoke_latents, tmp_path, init, expected):
     """Fixed seed, fixed data: the first losses must not drift silently."""

@@ -1,0 +1,153 @@
+"""GRPO stage: Flow-GRPO on training prompts, from the previous stage's weights, that stage frozen as reference.
+
+One step: sample G = num_generations images for each of `prompts_per_step` training prompts with the SDE sampler
+(kiln/sampler.py `sample_sde`, fewer steps than evaluation, true CFG), keeping every step's Gaussian log-prob;
+score them with the reward (the verifier, the learned reward model, or a weighted sum); normalise rewards within
+each prompt's group; then re-evaluate the log-probs of a random subset of the denoising steps under the current
+policy and minimise the PPO-clipped surrogate plus beta * KL to the reference (kiln/grpo.py), one optimizer step
+per sampled batch and pass. Only training compositions are ever sampled: held-out ones stay for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kiln.checkpoint import resolve_checkpoint
+from kiln.flow import unpack
+from kiln.generate import initial_noise, to_pil
+from kiln.grpo import group_advantages, grpo_loss
+from kiln.sampler import flow_sigmas, guided_velocity, sample_sde, sde_mean_std, sde_step_log_prob
+from kiln.stage_io import StageResult, hash_files
+from kiln.vae import decode_latents
+from stages.common import pick_device
+from stages.policy import Policy
+from stages.preference import training_captions
+from stages.sampling import text_encoder_for, vae_for
+
+
+def reward_weights(cfg) -> dict[str, float]:
+    """The reward's components and their weights."""
+    kind = cfg.grpo.reward
+    if kind == "weighted":
+        return {name: w for name, w in cfg.grpo.reward_weights.items() if w != 0}
+    return {kind: 1.0}
+
+
+def make_reward(cfg, reward_dir: Path | None, device):
+    """reward(images (B, 3, H, W) in [-1, 1], captions) -> (total (B,), {component: (B,)})."""
+    weights = reward_weights(cfg)
+    reward_model = None
+    if "reward_model" in weights:
+        from stages.reward import load_reward_model
+
+        path = cfg.grpo.reward_model or reward_dir
+        if path is None:
+            raise ValueError("grpo: the reward uses the reward model but there is no reward stage output "
+                             "(run the reward stage or set grpo.reward_model)")
+        reward_model = load_reward_model(Path(path), device)
+
+    @torch.no_grad()
+    def reward(images: torch.Tensor, captions: list[str]):
+        parts = {}
+        if "verifier" in weights:
+            from reward.verifier import score
+
+            parts["verifier"] = torch.tensor([score(im, c) for im, c in zip(to_pil(images), captions)])
+        if reward_model is not None:
+            from stages.reward import reward_scores
+
+            parts["reward_model"] = reward_scores(cfg, reward_model, images, captions, device).float().cpu()
+        total = sum(weights[name] * value for name, value in parts.items())
+        return total, parts
+
+    return reward
+
+
+def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
+    out_dir = Path(out_dir)
+    device = pick_device(cfg.device)
+    gcfg = cfg.grpo
+    init = Path(inputs["init"])
+    resolution = json.loads((resolve_checkpoint(init) / "meta.json").read_text()).get(
+        "resolution", cfg.train.rungs[-1].resolution)
+    policy = Policy(cfg, init, device, gcfg.learning_rate)
+    generator = torch.Generator(device=device).manual_seed(gcfg.seed)
+    if policy.resume(out_dir, generator):
+        tqdm.write(f"grpo: resuming at step {policy.step_count}")
+    vae = vae_for(cfg, Path(inputs["vae"]), device)
+    encoder = text_encoder_for(cfg, device)
+    reward = make_reward(cfg, inputs.get("reward"), device)
+    null_text, null_mask = encoder([cfg.sampler.negative_prompt])  # (1, L0, D)
+
+    h = w = resolution // 8
+    grid = (h // 2, w // 2)
+    sigmas = flow_sigmas(gcfg.num_inference_steps, grid[0] * grid[1], cfg.scheduler).to(device)  # (steps + 1,)
+    sigma_max = sigmas[1]
+    steps = len(sigmas) - 1
+    n_train = max(1, round(gcfg.timestep_fraction * steps))
+    group = gcfg.num_generations
+
+    bar = tqdm(total=gcfg.max_steps, initial=policy.step_count, desc="grpo", unit="step")
+    while policy.step_count < gcfg.max_steps:
+        step_rng = random.Random(gcfg.seed * 100003 + policy.step_count)  # the prompts of this step, resumable
+        prompts = [c for _, c in training_captions(cfg, gcfg.prompts_per_step, step_rng.randrange(2**31))]
+        captions = [c for c in prompts for _ in range(group)]  # TRL's layout: each prompt G times in a row
+        text, mask = encoder(captions)  # (B, L, D), (B, L)
+        null_b, null_mask_b = null_text.expand(len(captions), -1, -1), null_mask.expand(len(captions), -1)
+
+        # 1. Sample with the current policy, keeping the trajectory and its per-step log-probs.
+        policy.model.eval()
+        with torch.no_grad():
+            velocity = guided_velocity(policy.model, text, mask, null_b, null_mask_b, gcfg.cfg, grid)
+            noise = initial_noise(len(captions), cfg.vae.z_dim, h, w, generator, device)  # (B, N, C*4)
+            x0, old_log_probs, trajectory = sample_sde(velocity, noise, sigmas, noise_level=gcfg.noise_level,
+                                                       generator=generator)  # (B, N, D), (B, T), (B, T+1, N, D)
+            images = decode_latents(vae, unpack(x0, h, w))  # (B, 3, H, W)
+            rewards, parts = reward(images, captions)  # (B,)
+        advantages = group_advantages(rewards, group, gcfg.scale_rewards).to(device)  # (B,)
+
+        # 2. Policy update on a random subset of the denoising steps (the same subset for the whole batch).
+        policy.model.train()
+        train_steps = sorted(step_rng.sample(range(steps), n_train))
+        sums: dict[str, float] = {}
+        for _ in range(gcfg.num_iterations):
+            for j in train_steps:
+                x_j, x_next = trajectory[:, j], trajectory[:, j + 1]
+                v = guided_velocity(policy.model, text, mask, null_b, null_mask_b, gcfg.cfg, grid)(x_j, sigmas[j])
+                log_prob, mean, std = sde_step_log_prob(v, x_j, x_next, sigmas[j], sigmas[j + 1],
+                                                        noise_level=gcfg.noise_level, sigma_max=sigma_max)
+                ref_mean = None
+                if gcfg.beta > 0:
+                    with torch.no_grad():
+                        v_ref = guided_velocity(policy.reference, text, mask, null_b, null_mask_b, gcfg.cfg,
+                                                grid)(x_j, sigmas[j])
+                        ref_mean = sde_mean_std(v_ref, x_j, sigmas[j], sigmas[j + 1], noise_level=gcfg.noise_level,
+                                                sigma_max=sigma_max)[0]
+                loss, stats = grpo_loss(log_prob, old_log_probs[:, j], advantages, epsilon=gcfg.epsilon,
+                                        epsilon_high=gcfg.epsilon_high, beta=gcfg.beta, mean=mean, ref_mean=ref_mean,
+                                        std=std)
+                (loss / n_train).backward()
+                for key, value in {"loss": loss.detach(), **stats}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) / (n_train * gcfg.num_iterations)
+            if not math.isfinite(sums["loss"]):
+                raise FloatingPointError(f"grpo: loss is {sums['loss']} at step {policy.step_count}")
+            grad_norm = policy.optimizer_step(gcfg.max_grad_norm)
+        bar.update(1)
+        metrics = {f"train/{k}": v for k, v in sums.items()}
+        metrics.update({"train/reward": rewards.mean().item(), "train/reward_std": rewards.std().item(),
+                        "train/grad_norm": float(grad_norm),
+                        **{f"train/reward_{name}": value.mean().item() for name, value in parts.items()}})
+        tracker.log_metrics(metrics, step=policy.step_count)
+        bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", kl=f"{metrics.get('train/kl', 0.0):.2e}")
+        if policy.step_count % cfg.train.checkpoint_every == 0 and policy.step_count < gcfg.max_steps:
+            policy.save(out_dir, resolution, generator)
+    bar.close()
+    final = policy.save(out_dir, resolution, generator)
+    tracker.set_tags({"kiln.checkpoint": str(final.resolve())})
+    return StageResult("grpo", out_dir, {"steps": policy.step_count}, hash_files(out_dir / "checkpoints"))

@@ -1,0 +1,180 @@
+"""Preference stage: build (caption, chosen, rejected, scores) pairs for the reward and DPO stages.
+
+Default: for each of `preference.prompts` training prompts (never a held-out composition), sample K images from the
+current model with different noise, score each with the judge (the programmatic verifier, or a learned reward
+model), and keep the best against the worst where their scores differ. Alternatively load human-labelled pairs in
+Pick-a-Pic's layout (caption, jpg_0, jpg_1, label_0) through Hugging Face `datasets`.
+
+Pairs are shards (one bucket: the evaluated resolution), one record per prompt: the chosen and rejected VAE latents
+(what DPO trains on), the caption's text embedding, and every judged image of the prompt as uint8 pixels with its
+score (what the reward stage trains on: all differently scored pairs, not only best against worst); meta repeats
+the chosen and rejected scores.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from data.shards import ShardWriter, read_manifest
+from data.synthetic import KINDS, caption, make_holdout, sample_spec
+from kiln.generate import generate_latents, to_pil
+from kiln.stage_io import StageResult
+from kiln.vae import decode_latents, encode_images
+from stages.common import pick_device, save_uncond
+from stages.sampling import load_stage, text_encoder_for, vae_for
+from stages.vae import image_tensor
+
+
+def training_captions(cfg, n: int, seed: int) -> list[tuple[str, str]]:
+    """n (kind, caption) training prompts, kinds in turn (single, count, relation, ...): no held-out pair/triple."""
+    holdout = make_holdout(cfg.data.holdout_seed)
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        spec = sample_spec(rng, holdout, "train", KINDS[i % len(KINDS)])
+        out.append((spec.kind, caption(spec, rng)))
+    return out
+
+
+def judge_images(cfg, images: list[Image.Image], captions: list[str], device) -> list[float]:
+    """Scores in the judge's units: the verifier's fraction of checks passed, or the reward model's output."""
+    pcfg = cfg.preference
+    if pcfg.judge == "verifier":
+        from reward.verifier import score
+
+        return [score(image, text) for image, text in zip(images, captions)]
+    if not pcfg.reward_model:
+        raise ValueError("preference: judge 'reward_model' needs preference.reward_model (a reward stage output)")
+    from stages.reward import load_reward_model, reward_scores
+
+    model = load_reward_model(Path(pcfg.reward_model), device)
+    return reward_scores(cfg, model, images, captions, device).tolist()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> uint8 pixels, as to_pil would round them."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def sample_pairs(cfg, model, vae, resolution: int, device):
+    """Yield one record per prompt whose samples' scores differ: (kind, caption, chosen latents (C, h, w),
+    rejected latents, all K images uint8 (K, 3, H, W), all K scores (K,))."""
+    pcfg = cfg.preference
+    encoder = text_encoder_for(cfg, device)
+    null_text, null_mask = encoder([cfg.sampler.negative_prompt])
+    generator = torch.Generator(device=device).manual_seed(pcfg.seed)
+    prompts = training_captions(cfg, pcfg.prompts, pcfg.seed)
+    k = pcfg.samples_per_prompt
+    per_batch = max(1, pcfg.batch_size // k)  # prompts per sampling batch; each prompt's K samples stay together
+    for start in tqdm(range(0, len(prompts), per_batch), desc="preference", unit="batch"):
+        chunk = prompts[start : start + per_batch]
+        captions = [text for _, text in chunk for _ in range(k)]
+        text, mask = encoder(captions)  # (P*K, L, D), (P*K, L)
+        latents = generate_latents(model, text, mask, null_text, null_mask, height=resolution, width=resolution,
+                                   steps=pcfg.steps, cfg=pcfg.cfg, sched=cfg.scheduler, generator=generator)
+        pixels = to_uint8(decode_latents(vae, latents))  # (P*K, 3, H, W)
+        images = to_pil(pixels.float() / 127.5 - 1)
+        scores = torch.tensor(judge_images(cfg, images, captions, device)).view(len(chunk), k)  # (P, K)
+        latents = latents.view(len(chunk), k, *latents.shape[1:])  # (P, K, C, h, w)
+        pixels = pixels.view(len(chunk), k, *pixels.shape[1:]).cpu()  # (P, K, 3, H, W)
+        for i, (kind, text) in enumerate(chunk):
+            best, worst = int(scores[i].argmax()), int(scores[i].argmin())
+            if scores[i, best] > scores[i, worst]:
+                yield kind, text, latents[i, best], latents[i, worst], pixels[i], scores[i]
+
+
+def _as_image(value) -> Image.Image:
+    """A Pick-a-Pic cell (raw bytes, {"bytes": ...} or a PIL image) -> RGB PIL image."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if isinstance(value, (bytes, bytearray)):
+        value = Image.open(io.BytesIO(value))
+    if not isinstance(value, Image.Image):
+        raise ValueError(f"preference: expected image bytes or an image, got {type(value).__name__}")
+    return value.convert("RGB")
+
+
+def _square(image: Image.Image, size: int) -> Image.Image:
+    """Centre crop to a square, then resize to size x size."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+
+
+def load_pair_dataset(pcfg):
+    """Pick-a-Pic-layout pairs as a datasets.Dataset: a parquet file, a folder datasets can load, or a hub id."""
+    from datasets import load_dataset
+
+    source = pcfg.dataset
+    path = Path(source)
+    if path.is_file():
+        ds = load_dataset(path.suffix.lstrip(".") or "parquet", data_files=str(path), split="train")
+    else:  # a local folder, or a hub id the user named (the only case that reaches the network)
+        ds = load_dataset(source, split=pcfg.dataset_split)
+    needed = [pcfg.caption_column, *pcfg.image_columns, pcfg.label_column]
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"preference: dataset {source} has no column(s) {', '.join(missing)} "
+                         f"(it has: {', '.join(ds.column_names)})")
+    return ds
+
+
+@torch.no_grad()
+def labelled_pairs(cfg, vae, resolution: int, device):
+    """Yield records from a Pick-a-Pic-layout dataset, as sample_pairs does (K = 2, chosen first); ties (label 0.5)
+    are dropped. Scores are the labels."""
+    pcfg = cfg.preference
+    ds = load_pair_dataset(pcfg)
+    first, second = pcfg.image_columns
+    for row in tqdm(ds, desc="preference (labelled)", unit="pair"):
+        label = float(row[pcfg.label_column])
+        if label == 0.5:
+            continue
+        chosen, rejected = (row[first], row[second]) if label > 0.5 else (row[second], row[first])
+        images = torch.stack([image_tensor(_square(_as_image(x), resolution)) for x in (chosen, rejected)])
+        latents = encode_images(vae, images.to(device))  # (2, C, h, w)
+        scores = torch.tensor([max(label, 1 - label), min(label, 1 - label)])
+        yield "labelled", str(row[pcfg.caption_column]), latents[0], latents[1], to_uint8(images), scores
+
+
+def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
+    out_dir = Path(out_dir)
+    device = pick_device(cfg.device)
+    _, model, vae_dir, meta = load_stage(Path(inputs["model"]), device)
+    vae = vae_for(cfg, vae_dir, device)
+    resolution = cfg.eval.resolution or meta.get("resolution") or cfg.train.rungs[-1].resolution
+    pairs = labelled_pairs(cfg, vae, resolution, device) if cfg.preference.dataset else \
+        sample_pairs(cfg, model, vae, resolution, device)
+    encoder = text_encoder_for(cfg, device)
+    n, gaps, chosen_scores, kinds = 0, 0.0, 0.0, {}
+    with ShardWriter(out_dir / "shards", max_samples_per_shard=cfg.data.max_samples_per_shard) as writer:
+        for kind, text, chosen, rejected, images, scores in pairs:
+            emb, mask = encoder([text])
+            length = int(mask[0].sum())
+            score_chosen, score_rejected = float(scores.max()), float(scores.min())
+            writer.write(bucket=(resolution, resolution), key=f"pair-{n:06d}", caption=text,
+                         tensors={"chosen": chosen.cpu(), "rejected": rejected.cpu(), "images": images,
+                                  "scores": scores,
+                                  "text_emb": emb[0, :length].cpu(), "text_mask": mask[0, :length].cpu()},
+                         meta={"kind": kind, "score_chosen": score_chosen, "score_rejected": score_rejected})
+            n += 1
+            gaps += score_chosen - score_rejected
+            chosen_scores += score_chosen
+            kinds[kind] = kinds.get(kind, 0) + 1
+    if n == 0:
+        raise ValueError("preference: no pairs (every prompt's samples scored the same, or the dataset was empty)")
+    null_emb, null_mask = encoder([cfg.sampler.negative_prompt])
+    save_uncond(out_dir / "uncond.safetensors", null_emb[0], null_mask[0])
+    metrics = {"preference/pairs": n, "preference/score_gap": gaps / n, "preference/chosen_score": chosen_scores / n,
+               **{f"preference/pairs_{k}": v for k, v in kinds.items()}}
+    if not cfg.preference.dataset:
+        metrics["preference/kept_fraction"] = n / cfg.preference.prompts
+    tracker.log_metrics(metrics)
+    return StageResult("preference", out_dir, metrics, read_manifest(out_dir / "shards")["content_hash"])

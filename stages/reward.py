@@ -1,0 +1,122 @@
+"""Reward stage: train the learned reward model (reward/model.py) on the preference data with the Bradley-Terry
+loss, and report its pairwise accuracy against the judge on prompts it never trained on.
+
+Each preference record holds every judged image of one prompt with its score; every two images of a prompt with
+different scores make a training pair (best against worst is only one of them). Records, not pairs, are split into
+training and validation, so no validation prompt is seen in training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from data.shards import iter_samples
+from kiln.stage_io import StageResult, hash_files
+from reward.model import RewardModel, bradley_terry_loss, pairwise_accuracy
+from stages.common import pick_device
+from stages.sampling import text_encoder_for
+from stages.vae import image_tensor
+
+def load_reward_model(reward_dir: Path, device="cpu") -> RewardModel:
+    """A reward stage's output folder -> the trained RewardModel (eval mode, frozen)."""
+    reward_dir = Path(reward_dir)
+    config_file = reward_dir / "reward_model.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"reward: no reward model at {reward_dir} (reward_model.json missing): "
+                                "run the reward stage first")
+    arch = json.loads(config_file.read_text())
+    model = RewardModel(arch["text_dim"], tuple(arch["channels"]), arch["hidden"])
+    model.load_state_dict(load_file(str(reward_dir / "reward_model.safetensors")))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def reward_scores(cfg, model: RewardModel, images, captions: list[str], device) -> torch.Tensor:
+    """(B,) rewards for PIL images or a (B, 3, H, W) tensor in [-1, 1], and their captions."""
+    if not isinstance(images, torch.Tensor):
+        images = torch.stack([image_tensor(image) for image in images])
+    text, mask = text_encoder_for(cfg, device)(captions)
+    return model(images.to(device), text, mask)
+
+
+def _records(pairs_dir: Path):
+    """All records: images uint8 (N, K, 3, H, W), scores (N, K), text (N, L, D) right-padded, mask (N, L)."""
+    samples = list(iter_samples(pairs_dir / "shards", load_images=False))
+    if not samples:
+        raise ValueError(f"reward: no preference records in {pairs_dir}")
+    k = min(s["images"].shape[0] for s in samples)  # labelled pairs: 2; sampled: preference.samples_per_prompt
+    images = torch.stack([s["images"][:k] for s in samples])
+    scores = torch.stack([s["scores"][:k].float() for s in samples])
+    length = max(s["text_emb"].shape[0] for s in samples)
+    text = torch.zeros(len(samples), length, samples[0]["text_emb"].shape[1])
+    mask = torch.zeros(len(samples), length, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        text[i, : s["text_emb"].shape[0]] = s["text_emb"].float()
+        mask[i, : s["text_mask"].shape[0]] = s["text_mask"].bool()
+    return images, scores, text, mask
+
+
+def ordered_pairs(scores: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
+    """(P, 3) rows (record, better image, worse image) for every two images of a record with different scores."""
+    rows = []
+    for r in records.tolist():
+        s = scores[r]
+        rows += [(r, i, j) for i in range(len(s)) for j in range(len(s)) if s[i] > s[j]]
+    return torch.tensor(rows, dtype=torch.long).view(-1, 3)
+
+
+def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    rcfg = cfg.reward
+    images, scores, text, mask = _records(Path(inputs["pairs"]))
+    n = images.shape[0]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(n, generator=generator)
+    n_val = max(1, round(rcfg.val_fraction * n))
+    if n - n_val < 2:
+        raise ValueError(f"reward: {n} prompts are too few to train and validate (reward.val_fraction={rcfg.val_fraction})")
+    val, train = ordered_pairs(scores, order[:n_val]), ordered_pairs(scores, order[n_val:])
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"reward: no differently scored images among the {n} prompts' records in {inputs['pairs']}")
+
+    def batch(rows: torch.Tensor):
+        """(2B, 3, H, W) in [-1, 1], better images first; text and mask repeated to match."""
+        pixels = torch.cat([images[rows[:, 0], rows[:, 1]], images[rows[:, 0], rows[:, 2]]]).float() / 127.5 - 1
+        return pixels.to(device), text[rows[:, 0]].repeat(2, 1, 1).to(device), mask[rows[:, 0]].repeat(2, 1).to(device)
+
+    torch.manual_seed(cfg.seed)
+    model = RewardModel(text.shape[-1], tuple(rcfg.channels), rcfg.hidden).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, weight_decay=0.01)
+    bar = tqdm(range(rcfg.steps), desc="reward model", unit="step")
+    for step in bar:
+        rows = train[torch.randint(len(train), (min(rcfg.batch_size, len(train)),), generator=generator)]
+        r_chosen, r_rejected = model(*batch(rows)).chunk(2)
+        loss = bradley_terry_loss(r_chosen, r_rejected)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == rcfg.steps:
+            accuracy = pairwise_accuracy(r_chosen, r_rejected)
+            tracker.log_metrics({"train/loss": loss.item(), "train/accuracy": accuracy}, step=step + 1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}")
+
+    model.eval()
+    with torch.no_grad():
+        def accuracy_on(rows):
+            return pairwise_accuracy(*torch.cat([model(*batch(rows[i : i + 256])).view(2, -1)
+                                                 for i in range(0, len(rows), 256)], dim=1))
+
+        metrics = {"reward/val_accuracy": accuracy_on(val), "reward/train_accuracy": accuracy_on(train),
+                   "reward/pairs_train": len(train), "reward/pairs_val": len(val),
+                   "reward/prompts_train": n - n_val, "reward/prompts_val": n_val}
+    tracker.log_metrics(metrics)
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out_dir / "reward_model.safetensors"))
+    (out_dir / "reward_model.json").write_text(json.dumps(
+        {"text_dim": text.shape[-1], "channels": list(rcfg.channels), "hidden": rcfg.hidden}, indent=1))
+    return StageResult("reward", out_dir, metrics, hash_files(out_dir, "reward_model.*"))

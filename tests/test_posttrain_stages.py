@@ -1,0 +1,213 @@
+"""Post-training stages on the smoke preset as plain functions (no Prefect, no MLflow): SFT curation, preference
+pairs (sampled and loaded in Pick-a-Pic's layout), the reward model, Diffusion-DPO and Flow-GRPO, and resuming."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.shards import iter_samples
+from kiln.checkpoint import latest_checkpoint
+from kiln.config import SftConfig, load_config
+from kiln.tracking import Tracker
+from stages import dpo, grpo, preference, sft
+from stages.common import run_without_orchestration
+from stages.policy import Policy
+
+
+class Recorder(Tracker):
+    """A Tracker that keeps what the stage logs."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.metrics = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append(dict(metrics))
+
+
+def _cfg(*overrides):
+    return load_config("smoke", ["train.sample_every=100", *overrides])
+
+
+@pytest.fixture(scope="module")
+def pretrained(smoke_latents, tmp_path_factory):
+    root = tmp_path_factory.mktemp("post")
+    inputs = {"latents": smoke_latents / "latents", "vae": smoke_latents / "vae"}
+    run_without_orchestration([("pretrain", "pretrain", inputs)], _cfg(), root)
+    return root, smoke_latents
+
+
+@pytest.fixture(scope="module")
+def labelled_pairs(pretrained, pickapic_parquet, tmp_path_factory):
+    root, latents = pretrained
+    out = tmp_path_factory.mktemp("pairs")
+    cfg = _cfg(f"preference.dataset={pickapic_parquet}")
+    run_without_orchestration([("preference", "preference", {"model": root / "pretrain", "vae": latents / "vae"})],
+                              cfg, out)
+    return out / "preference"
+
+
+def test_curation_keeps_clean_centred_separated_scenes():
+    metas = [
+        ("centred", {"kind": "single", "objects": [[0.3, 0.3, 0.6, 0.6]]}),
+        ("at-edge", {"kind": "single", "objects": [[0.0, 0.3, 0.3, 0.6]]}),
+        ("apart", {"kind": "relation", "objects": [[0.1, 0.4, 0.3, 0.6], [0.6, 0.4, 0.8, 0.6]]}),
+        ("too-close", {"kind": "relation", "objects": [[0.1, 0.4, 0.3, 0.6], [0.32, 0.4, 0.52, 0.6]]}),
+        ("no-boxes", {"kind": "count"}),
+        ("centred-2", {"kind": "single", "objects": [[0.4, 0.4, 0.5, 0.5]]}),
+    ]
+    loose = SftConfig(centre_margin=0.08, min_gap=0.1, balance_kinds=False)
+    assert sft.select(metas, loose, seed=0) == {"centred", "apart", "centred-2"}
+    balanced = sft.select(metas, SftConfig(centre_margin=0.08, min_gap=0.1), seed=0)
+    assert len(balanced) == 2 and "apart" in balanced  # one single, one relation
+
+
+def test_sft_trains_on_the_curated_subset(pretrained, tmp_path):
+    root, latents = pretrained
+    cfg = _cfg("sft.centre_margin=0.05", "sft.min_gap=0.05", "sft.balance_kinds=false")
+    run_without_orchestration([("sft", "sft", {"latents": latents / "latents", "vae": latents / "vae",
+                                                "init": root / "pretrain"})], cfg, tmp_path)
+    kept = list(iter_samples(tmp_path / "sft" / "shards", load_images=False))
+    everything = [s for s in iter_samples(latents / "latents" / "shards", load_images=False)
+                  if s["meta"]["resolution"] == cfg.train.rungs[-1].resolution]
+    assert 0 < len(kept) < len(everything)
+    assert all(sft.is_curated(s["meta"], 0.05, 0.05) for s in kept)
+    final = latest_checkpoint(tmp_path / "sft" / "checkpoints")
+    assert final.name == f"step-{cfg.sft.steps}"
+    start = load_file(str(latest_checkpoint(root / "pretrain" / "checkpoints") / "ema.safetensors"))
+    tuned = load_file(str(final / "model.safetensors"))
+    assert any(not torch.equal(start[k], tuned[k]) for k in start)
+
+
+def test_sft_with_too_strict_curation_says_so(pretrained, tmp_path):
+    root, latents = pretrained
+    with pytest.raises(ValueError, match=r"sft: only 0 of \d+ samples at 64px pass curation"):
+        run_without_orchestration([("sft", "sft", {"latents": latents / "latents", "vae": latents / "vae",
+                                                    "init": root / "pretrain"})],
+                                  _cfg("sft.centre_margin=0.49"), tmp_path)
+
+
+def test_pairs_load_from_a_pickapic_layout_dataset(labelled_pairs, pretrained, pickapic_parquet):
+    import pandas as pd
+
+    from kiln.vae import encode_images
+    from stages.preference import _as_image, _square
+    from stages.sampling import vae_for
+    from stages.vae import image_tensor
+
+    _, latents = pretrained
+    pairs = list(iter_samples(labelled_pairs / "shards", load_images=False))
+    assert len(pairs) == 8  # 12 rows, every third a tie
+    assert all(p["meta"]["score_chosen"] == 1.0 and p["meta"]["score_rejected"] == 0.0 for p in pairs)
+    rows = pd.read_parquet(pickapic_parquet)
+    # Row 1 has label 0: image 1 is the chosen one. Pairs are keyed in row order, ties skipped.
+    vae = vae_for(_cfg(), latents / "vae", "cpu")
+    with torch.no_grad():
+        expected = encode_images(vae, image_tensor(_square(_as_image(rows["jpg_1"][1]), 32))[None])[0]
+    assert pairs[1]["caption"] == rows["caption"][1]
+    assert pairs[1]["chosen"].shape == (4, 4, 4)  # the model trained at 32 px; z_dim 4, 8x VAE
+    torch.testing.assert_close(pairs[1]["chosen"].float(), expected, atol=2e-3, rtol=2e-3)  # stored as float16
+
+
+def test_pair_dataset_with_a_wrong_column_names_what_exists(pretrained, pickapic_parquet, tmp_path):
+    root, latents = pretrained
+    cfg = _cfg(f"preference.dataset={pickapic_parquet}", "preference.caption_column=prompt")
+    with pytest.raises(ValueError, match=r"has no column\(s\) prompt \(it has: caption, jpg_0, jpg_1, label_0\)"):
+        run_without_orchestration([("preference", "preference", {"model": root / "pretrain",
+                                                                  "vae": latents / "vae"})], cfg, tmp_path)
+
+
+def test_sampled_pairs_keep_best_against_worst(pretrained, tmp_path, monkeypatch):
+    root, latents = pretrained
+    # A planted judge: per prompt of 3 samples, scores (0.2, 0.9, 0.5), except every third prompt ties.
+    calls = []
+
+    def judge(cfg, images, captions, device):
+        calls.append(captions)
+        scores = []
+        for i in range(0, len(images), 3):
+            prompt = sum(len(c) for c in calls[:-1]) // 3 + i // 3
+            scores += [0.5, 0.5, 0.5] if prompt % 3 == 2 else [0.2, 0.9, 0.5]
+        return scores
+
+    monkeypatch.setattr(preference, "judge_images", judge)
+    cfg = _cfg()  # smoke: 6 prompts x 3 samples
+    run_without_orchestration([("preference", "preference", {"model": root / "pretrain", "vae": latents / "vae"})],
+                              cfg, tmp_path)
+    pairs = list(iter_samples(tmp_path / "preference" / "shards", load_images=False))
+    assert len(pairs) == 4
+    assert all((p["meta"]["score_chosen"], p["meta"]["score_rejected"]) == pytest.approx((0.9, 0.2)) for p in pairs)
+    assert not torch.equal(pairs[0]["chosen"], pairs[0]["rejected"])
+
+
+def test_reward_stage_trains_and_reports_held_out_accuracy(labelled_pairs, pretrained, tmp_path):
+    from stages.reward import load_reward_model
+
+    _, latents = pretrained
+    recorder = Recorder()
+    from stages import reward
+
+    result = reward.run(_cfg("reward.steps=4"), {"pairs": labelled_pairs, "vae": latents / "vae"}, tmp_path, recorder)
+    assert set(result.metrics) >= {"reward/val_accuracy", "reward/train_accuracy"}
+    assert result.metrics["reward/pairs_val"] + result.metrics["reward/pairs_train"] == 8
+    model = load_reward_model(tmp_path)
+    assert model(torch.zeros(2, 3, 64, 64), torch.zeros(2, 5, 384), torch.ones(2, 5, dtype=torch.bool)).shape == (2,)
+
+
+def _crash_at(monkeypatch, method: str, step: int):
+    original = getattr(Policy, method)
+
+    def crashing(self, *args, **kwargs):
+        if self.step_count == step:
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Policy, method, crashing)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "grpo"])
+def test_preference_stages_resume_to_identical_weights(stage, labelled_pairs, pretrained, tmp_path, monkeypatch):
+    root, latents = pretrained
+    module = {"dpo": dpo, "grpo": grpo}[stage]
+    cfg = _cfg("train.checkpoint_every=2", "train.keep_checkpoints=5", "dpo.max_steps=4", "grpo.max_steps=3",
+               "grpo.reward=verifier")
+    inputs = {"pairs": labelled_pairs, "init": root / "pretrain", "vae": latents / "vae"}
+    recorder = Recorder()
+    module.run(cfg, inputs, tmp_path / "straight", recorder)
+    logged = {k for m in recorder.metrics for k in m}
+    if stage == "dpo":
+        assert {"train/loss", "train/rewards/accuracies", "train/rewards/margins"} <= logged
+    else:
+        assert {"train/reward", "train/kl", "train/clipfrac", "train/reward_verifier"} <= logged
+
+    _crash_at(monkeypatch, "update" if stage == "dpo" else "optimizer_step", 3 if stage == "dpo" else 2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        module.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
+    monkeypatch.undo()
+    module.run(cfg, inputs, tmp_path / "crashed", Tracker(None))  # resumes from step 2
+    a = load_file(str(latest_checkpoint(tmp_path / "straight" / "checkpoints") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "crashed" / "checkpoints") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grpo_reward_can_be_the_learned_model_or_a_weighted_sum(labelled_pairs, pretrained, tmp_path):
+    from stages import reward
+
+    root, latents = pretrained
+    reward.run(_cfg("reward.steps=2"), {"pairs": labelled_pairs, "vae": latents / "vae"}, tmp_path / "rm", Tracker(None))
+    for kind in ("reward_model", "weighted"):
+        recorder = Recorder()
+        grpo.run(_cfg(f"grpo.reward={kind}", "grpo.max_steps=1"),
+                 {"init": root / "pretrain", "vae": latents / "vae", "reward": tmp_path / "rm"}, tmp_path / kind,
+                 recorder)
+        logged = {k for m in recorder.metrics for k in m}
+        assert "train/reward_reward_model" in logged
+        assert ("train/reward_verifier" in logged) == (kind == "weighted")
+
+
+def test_reward_pairs_are_every_differently_scored_two_of_a_prompt():
+    from stages.reward import ordered_pairs
+
+    scores = torch.tensor([[1.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2]])
+    rows = ordered_pairs(scores, torch.tensor([0, 1]))
+    assert sorted(map(tuple, rows.tolist())) == [(0, 0, 1), (0, 0, 2), (0, 0, 3), (0, 2, 1), (0, 3, 1)]
