@@ -69,7 +69,7 @@ def main() -> None:
         last = stage("sft", "sft", {"latents": run / "latents", "vae": vae, "init": last})
         stage("eval-sft", "eval", {"model": last})
     pairs = stage("preference", "preference", {"model": last, "vae": vae}) if "preference" in post else None
-    reward = stage("reward", "reward", {"pairs": pairs, "vae": vae}) if "reward" in post else None
+    reward = stage("reward", "reward", {"pairs": pairs, "vae": vae, "data": run / "data"}) if "reward" in post else None
     if "dpo" in post:
         last = stage("dpo", "dpo", {"pairs": pairs, "init": last, "vae": vae})
         stage("eval-dpo", "eval", {"model": last})

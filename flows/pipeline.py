@@ -111,8 +111,8 @@ def _post_training(cfg: KilnConfig, outputs: dict, last: str, common: dict) -> N
     if "preference" in post:
         outputs["preference"] = stage_task("preference", "preference", inputs={"model": last, "vae": vae}, **common)
     if "reward" in post:
-        outputs["reward"] = stage_task("reward", "reward", inputs={"pairs": outputs["preference"], "vae": vae},
-                                       **common)
+        outputs["reward"] = stage_task("reward", "reward", inputs={"pairs": outputs["preference"], "vae": vae,
+                                                                   "data": outputs["data"]}, **common)
     if "dpo" in post:
         outputs["dpo"] = stage_task("dpo", "dpo", inputs={"pairs": outputs["preference"], "init": last, "vae": vae},
                                     **common)
@@ -126,6 +126,8 @@ def _post_training(cfg: KilnConfig, outputs: dict, last: str, common: dict) -> N
 
 COMPARISON_METRICS = {
     "heldout single colour+shape": "eval/heldout/single/colour_shape",
+    "heldout colour": "eval/heldout/all/colour",
+    "heldout shape": "eval/heldout/all/shape",
     "heldout count": "eval/heldout/count/count",
     "heldout relation": "eval/heldout/relation/relation",
     "heldout reward": "eval/heldout/all/score",

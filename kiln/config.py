@@ -222,6 +222,9 @@ class RewardModelConfig(Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     channels: list[int] = [16, 32, 64]
     hidden: int = Field(64, gt=0)
+    # Extra training pairs from the data stage's rendered training images at the preference resolution: a
+    # caption's own image against another scene's image, ordered by the verifier (0: none).
+    data_pairs: int = Field(0, ge=0)
 
 
 class DpoConfig(Strict):

@@ -3,7 +3,10 @@ loss, and report its pairwise accuracy against the judge on prompts it never tra
 
 Each preference record holds every judged image of one prompt with its score; every two images of a prompt with
 different scores make a training pair (best against worst is only one of them). Records, not pairs, are split into
-training and validation, so no validation prompt is seen in training.
+training and validation, so no validation prompt is seen in training. With `reward.data_pairs`, training also gets
+pairs from the rendered training data: a caption's own image against another scene's image, ordered by the verifier
+(a hundred generated prompts are few to learn "does this image show this caption" from; the data has thousands).
+Validation stays on the generated samples only.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -60,6 +64,45 @@ def _records(pairs_dir: Path):
     return images, scores, text, mask
 
 
+def data_records(data_dir: Path, resolution: int, n: int, seed: int):
+    """Up to n records (images uint8 (n, 2, 3, H, W), scores (n, 2), text, mask) from the data stage's square
+    images at `resolution`: each caption's own image and the next sample's image, scored by the verifier; pairs
+    the verifier cannot order are dropped."""
+    from reward.verifier import score
+
+    samples = []
+    for sample in iter_samples(data_dir / "shards", buckets=[(resolution, resolution)], load_images=True):
+        samples.append(sample)
+        if len(samples) > n:
+            break
+    if len(samples) < 2:
+        raise ValueError(f"reward: reward.data_pairs needs {resolution}x{resolution} images in {data_dir}")
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    images, scores, texts = [], [], []
+    for a, b in zip(order, order[1:] + order[:1]):
+        own, other = samples[a], samples[b]
+        pair_scores = torch.tensor([score(own["image"], own["caption"]), score(other["image"], own["caption"])])
+        if pair_scores[0] == pair_scores[1]:
+            continue
+        images.append(torch.stack([torch.from_numpy(np.array(s["image"].convert("RGB"))).permute(2, 0, 1)
+                                   for s in (own, other)]))
+        scores.append(pair_scores)
+        texts.append((own["text_emb"].float(), own["text_mask"].bool()))
+    length = max(t.shape[0] for t, _ in texts)
+    text = torch.zeros(len(texts), length, texts[0][0].shape[1])
+    mask = torch.zeros(len(texts), length, dtype=torch.bool)
+    for i, (t, m) in enumerate(texts):
+        text[i, : t.shape[0]], mask[i, : m.shape[0]] = t, m
+    return torch.stack(images)[:n], torch.stack(scores)[:n], text[:n], mask[:n]
+
+
+def _pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Concatenate (N, L, ...) tensors along N, right-padding L with zeros."""
+    length = max(a.shape[1], b.shape[1])
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0) * (x.ndim - 2) + (0, length - x.shape[1]))  # noqa: E731
+    return torch.cat([pad(a), pad(b)])
+
+
 def ordered_pairs(scores: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
     """(P, 3) rows (record, better image, worse image) for every two images of a record with different scores."""
     rows = []
@@ -84,6 +127,25 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     val, train = ordered_pairs(scores, order[:n_val]), ordered_pairs(scores, order[n_val:])
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"reward: no differently scored images among the {n} prompts' records in {inputs['pairs']}")
+    n_data = 0
+    if rcfg.data_pairs:
+        if not inputs.get("data"):
+            raise ValueError("reward: reward.data_pairs needs the data stage's output as input 'data'")
+        extra = data_records(Path(inputs["data"]), images.shape[-1], rcfg.data_pairs, cfg.seed)
+        n_data = extra[0].shape[0]
+        # Data records hold 2 images; they go after the generated records in the same K slots, the unused slots
+        # scored NaN (NaN compares false, so those slots are never paired).
+        k = images.shape[1]
+        data_images = torch.zeros(n_data, k, *images.shape[2:], dtype=images.dtype)
+        data_images[:, :2] = extra[0]
+        data_scores = torch.full((n_data, k), float("nan"))
+        data_scores[:, :2] = extra[1]
+        data_rows = ordered_pairs(data_scores, torch.arange(n_data))
+        data_rows[:, 0] += n  # stored after the generated records
+        train = torch.cat([train, data_rows])
+        images, scores = torch.cat([images, data_images]), torch.cat([scores, data_scores])
+        text = _pad_cat(text, extra[2])
+        mask = _pad_cat(mask[..., None].float(), extra[3][..., None].float())[..., 0].bool()
 
     def batch(rows: torch.Tensor):
         """(2B, 3, H, W) in [-1, 1], better images first; text and mask repeated to match."""
@@ -114,7 +176,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
 
         metrics = {"reward/val_accuracy": accuracy_on(val), "reward/train_accuracy": accuracy_on(train),
                    "reward/pairs_train": len(train), "reward/pairs_val": len(val),
-                   "reward/prompts_train": n - n_val, "reward/prompts_val": n_val}
+                   "reward/prompts_train": n - n_val, "reward/prompts_val": n_val, "reward/data_pairs": n_data}
     tracker.log_metrics(metrics)
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out_dir / "reward_model.safetensors"))
     (out_dir / "reward_model.json").write_text(json.dumps(

@@ -153,6 +153,13 @@ def test_reward_stage_trains_and_reports_held_out_accuracy(labelled_pairs, pretr
     model = load_reward_model(tmp_path)
     assert model(torch.zeros(2, 3, 64, 64), torch.zeros(2, 5, 384), torch.ones(2, 5, dtype=torch.bool)).shape == (2,)
 
+    # Extra pairs from the rendered training data (the pairs' resolution: 32 px), ordered by the verifier.
+    with_data = reward.run(_cfg("reward.steps=2", "reward.data_pairs=10"),
+                           {"pairs": labelled_pairs, "vae": latents / "vae", "data": latents / "data"},
+                           tmp_path / "with-data", Tracker(None)).metrics
+    assert 0 < with_data["reward/data_pairs"] <= 10
+    assert with_data["reward/pairs_train"] == result.metrics["reward/pairs_train"] + with_data["reward/data_pairs"]
+
 
 def _crash_at(monkeypatch, method: str, step: int):
     original = getattr(Policy, method)
