@@ -42,19 +42,20 @@ def training_captions(cfg, n: int, seed: int) -> list[tuple[str, str]]:
     return out
 
 
-def judge_images(cfg, images: list[Image.Image], captions: list[str], device) -> list[float]:
-    """Scores in the judge's units: the verifier's fraction of checks passed, or the reward model's output."""
+def make_judge(cfg, device):
+    """judge(images: list of PIL, captions) -> scores in the judge's units: the verifier's fraction of checks
+    passed, or the learned reward model's output (loaded once)."""
     pcfg = cfg.preference
     if pcfg.judge == "verifier":
         from reward.verifier import score
 
-        return [score(image, text) for image, text in zip(images, captions)]
+        return lambda images, captions: [score(image, text) for image, text in zip(images, captions)]
     if not pcfg.reward_model:
         raise ValueError("preference: judge 'reward_model' needs preference.reward_model (a reward stage output)")
     from stages.reward import load_reward_model, reward_scores
 
     model = load_reward_model(Path(pcfg.reward_model), device)
-    return reward_scores(cfg, model, images, captions, device).tolist()
+    return lambda images, captions: reward_scores(cfg, model, images, captions, device).tolist()
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,7 @@ def sample_pairs(cfg, model, vae, resolution: int, device):
     rejected latents, all K images uint8 (K, 3, H, W), all K scores (K,))."""
     pcfg = cfg.preference
     encoder = text_encoder_for(cfg, device)
+    judge = make_judge(cfg, device)
     null_text, null_mask = encoder([cfg.sampler.negative_prompt])
     generator = torch.Generator(device=device).manual_seed(pcfg.seed)
     prompts = training_captions(cfg, pcfg.prompts, pcfg.seed)
@@ -81,7 +83,7 @@ def sample_pairs(cfg, model, vae, resolution: int, device):
                                    steps=pcfg.steps, cfg=pcfg.cfg, sched=cfg.scheduler, generator=generator)
         pixels = to_uint8(decode_latents(vae, latents))  # (P*K, 3, H, W)
         images = to_pil(pixels.float() / 127.5 - 1)
-        scores = torch.tensor(judge_images(cfg, images, captions, device)).view(len(chunk), k)  # (P, K)
+        scores = torch.tensor(judge(images, captions)).view(len(chunk), k)  # (P, K)
         latents = latents.view(len(chunk), k, *latents.shape[1:])  # (P, K, C, h, w)
         pixels = pixels.view(len(chunk), k, *pixels.shape[1:]).cpu()  # (P, K, 3, H, W)
         for i, (kind, text) in enumerate(chunk):

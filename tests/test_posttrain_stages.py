@@ -122,7 +122,7 @@ def test_sampled_pairs_keep_best_against_worst(pretrained, tmp_path, monkeypatch
     # A planted judge: per prompt of 3 samples, scores (0.2, 0.9, 0.5), except every third prompt ties.
     calls = []
 
-    def judge(cfg, images, captions, device):
+    def judge(images, captions):
         calls.append(captions)
         scores = []
         for i in range(0, len(images), 3):
@@ -130,7 +130,7 @@ def test_sampled_pairs_keep_best_against_worst(pretrained, tmp_path, monkeypatch
             scores += [0.5, 0.5, 0.5] if prompt % 3 == 2 else [0.2, 0.9, 0.5]
         return scores
 
-    monkeypatch.setattr(preference, "judge_images", judge)
+    monkeypatch.setattr(preference, "make_judge", lambda cfg, device: judge)
     cfg = _cfg()  # smoke: 6 prompts x 3 samples
     run_without_orchestration([("preference", "preference", {"model": root / "pretrain", "vae": latents / "vae"})],
                               cfg, tmp_path)
@@ -218,3 +218,18 @@ def test_reward_pairs_are_every_differently_scored_two_of_a_prompt():
     scores = torch.tensor([[1.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2]])
     rows = ordered_pairs(scores, torch.tensor([0, 1]))
     assert sorted(map(tuple, rows.tolist())) == [(0, 0, 1), (0, 0, 2), (0, 0, 3), (0, 2, 1), (0, 3, 1)]
+
+
+def test_preference_judged_by_a_learned_reward_model(labelled_pairs, pretrained, tmp_path):
+    from stages import reward
+
+    root, latents = pretrained
+    reward.run(_cfg("reward.steps=2"), {"pairs": labelled_pairs, "vae": latents / "vae"}, tmp_path / "rm", Tracker(None))
+    cfg = _cfg("preference.judge=reward_model", f"preference.reward_model={tmp_path / 'rm'}")
+    run_without_orchestration([("preference", "preference", {"model": root / "pretrain", "vae": latents / "vae"})],
+                              cfg, tmp_path)
+    records = list(iter_samples(tmp_path / "preference" / "shards", load_images=False))
+    assert len(records) == cfg.preference.prompts  # a continuous reward practically never ties
+    for r in records:
+        assert r["scores"].shape == (3,) and r["images"].shape == (3, 3, 32, 32)
+        assert r["meta"]["score_chosen"] == pytest.approx(float(r["scores"].max()), rel=1e-2, abs=1e-2)
