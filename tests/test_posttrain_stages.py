@@ -233,3 +233,13 @@ def test_preference_judged_by_a_learned_reward_model(labelled_pairs, pretrained,
     for r in records:
         assert r["scores"].shape == (3,) and r["images"].shape == (3, 3, 32, 32)
         assert r["meta"]["score_chosen"] == pytest.approx(float(r["scores"].max()), rel=1e-2, abs=1e-2)
+
+
+def test_default_judge_is_the_verifier():
+    import random
+
+    from data.synthetic import SceneSpec, render
+
+    judge = preference.make_judge(_cfg(), "cpu")
+    image, _ = render(SceneSpec("single", "red", "circle"), 64, 64, random.Random(0))
+    assert judge([image, image], ["a red circle", "a blue square"]) == [1.0, 0.0]
