@@ -474,7 +474,7 @@ def _read_shard(shard: _ShardInfo, fields, load_images: bool, load_meta: bool) -
 # ----------------------------------------------------------------------------- batching
 
 
-def _pad_and_stack(values: list[torch.Tensor]) -> torch.Tensor:
+def pad_and_stack(values: list[torch.Tensor]) -> torch.Tensor:
     """[(L_i, ...)] -> (B, max L_i, ...), right-padded with zeros / False."""
     longest = max(v.shape[0] for v in values)
     out = values[0].new_zeros((len(values), longest, *values[0].shape[1:]))
@@ -662,7 +662,7 @@ class BucketBatches:
         }
         for name in self.fields:
             values = [s[name] for s in samples]
-            stacked = _pad_and_stack(values) if name in _PADDED_FIELDS else torch.stack(values)
+            stacked = pad_and_stack(values) if name in _PADDED_FIELDS else torch.stack(values)
             if name.endswith("_mask"):
                 stacked = stacked.bool()
             elif stacked.is_floating_point():

@@ -35,10 +35,15 @@ def generate_latents(
     return unpack(x, h, w)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> uint8 pixels (B, 3, H, W)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
+    """(B, 3, H, W) in [-1, 1], or uint8 pixels from to_uint8 -> PIL images."""
+    pixels = images if images.dtype == torch.uint8 else to_uint8(images)
+    return [Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from data.shards import ShardWriter, read_manifest
 from data.synthetic import KINDS, caption, make_holdout, sample_spec
-from kiln.generate import generate_latents, to_pil
+from kiln.generate import generate_latents, to_pil, to_uint8
 from kiln.stage_io import StageResult
 from kiln.vae import decode_latents, encode_images
 from stages.common import pick_device, save_uncond
@@ -58,11 +58,6 @@ def make_judge(cfg, device):
     return lambda images, captions: reward_scores(cfg, model, images, captions, device).tolist()
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> uint8 pixels, as to_pil would round them."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 @torch.no_grad()
 def sample_pairs(cfg, model, vae, resolution: int, device):
     """Yield one record per prompt whose samples' scores differ: (kind, caption, chosen latents (C, h, w),
@@ -82,7 +77,7 @@ def sample_pairs(cfg, model, vae, resolution: int, device):
         latents = generate_latents(model, text, mask, null_text, null_mask, height=resolution, width=resolution,
                                    steps=pcfg.steps, cfg=pcfg.cfg, sched=cfg.scheduler, generator=generator)
         pixels = to_uint8(decode_latents(vae, latents))  # (P*K, 3, H, W)
-        images = to_pil(pixels.float() / 127.5 - 1)
+        images = to_pil(pixels)
         scores = torch.tensor(judge(images, captions)).view(len(chunk), k)  # (P, K)
         latents = latents.view(len(chunk), k, *latents.shape[1:])  # (P, K, C, h, w)
         pixels = pixels.view(len(chunk), k, *pixels.shape[1:]).cpu()  # (P, K, 3, H, W)

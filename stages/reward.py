@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from data.shards import iter_samples
+from data.shards import iter_samples, pad_and_stack
 from kiln.stage_io import StageResult, hash_files
 from reward.model import RewardModel, bradley_terry_loss, pairwise_accuracy
 from stages.common import pick_device
@@ -48,24 +48,18 @@ def reward_scores(cfg, model: RewardModel, images, captions: list[str], device) 
 
 
 def _records(pairs_dir: Path):
-    """All records: images uint8 (N, K, 3, H, W), scores (N, K), text (N, L, D) right-padded, mask (N, L)."""
+    """All records: images uint8 (N, K, 3, H, W), scores (N, K), and each record's (text_emb (L, D), text_mask (L,))."""
     samples = list(iter_samples(pairs_dir / "shards", load_images=False))
     if not samples:
         raise ValueError(f"reward: no preference records in {pairs_dir}")
     k = min(s["images"].shape[0] for s in samples)  # labelled pairs: 2; sampled: preference.samples_per_prompt
     images = torch.stack([s["images"][:k] for s in samples])
     scores = torch.stack([s["scores"][:k].float() for s in samples])
-    length = max(s["text_emb"].shape[0] for s in samples)
-    text = torch.zeros(len(samples), length, samples[0]["text_emb"].shape[1])
-    mask = torch.zeros(len(samples), length, dtype=torch.bool)
-    for i, s in enumerate(samples):
-        text[i, : s["text_emb"].shape[0]] = s["text_emb"].float()
-        mask[i, : s["text_mask"].shape[0]] = s["text_mask"].bool()
-    return images, scores, text, mask
+    return images, scores, [(s["text_emb"].float(), s["text_mask"].bool()) for s in samples]
 
 
 def data_records(data_dir: Path, resolution: int, n: int, seed: int):
-    """Up to n records (images uint8 (n, 2, 3, H, W), scores (n, 2), text, mask) from the data stage's square
+    """Up to n records (images uint8 (n, 2, 3, H, W), scores (n, 2), [(text_emb, text_mask)]) from the data stage's square
     images at `resolution`: each caption's own image and the next sample's image, scored by the verifier; pairs
     the verifier cannot order are dropped."""
     from reward.verifier import score
@@ -88,19 +82,7 @@ def data_records(data_dir: Path, resolution: int, n: int, seed: int):
                                    for s in (own, other)]))
         scores.append(pair_scores)
         texts.append((own["text_emb"].float(), own["text_mask"].bool()))
-    length = max(t.shape[0] for t, _ in texts)
-    text = torch.zeros(len(texts), length, texts[0][0].shape[1])
-    mask = torch.zeros(len(texts), length, dtype=torch.bool)
-    for i, (t, m) in enumerate(texts):
-        text[i, : t.shape[0]], mask[i, : m.shape[0]] = t, m
-    return torch.stack(images)[:n], torch.stack(scores)[:n], text[:n], mask[:n]
-
-
-def _pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Concatenate (N, L, ...) tensors along N, right-padding L with zeros."""
-    length = max(a.shape[1], b.shape[1])
-    pad = lambda x: torch.nn.functional.pad(x, (0, 0) * (x.ndim - 2) + (0, length - x.shape[1]))  # noqa: E731
-    return torch.cat([pad(a), pad(b)])
+    return torch.stack(images)[:n], torch.stack(scores)[:n], texts[:n]
 
 
 def ordered_pairs(scores: torch.Tensor, records: torch.Tensor) -> torch.Tensor:
@@ -117,7 +99,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     rcfg = cfg.reward
-    images, scores, text, mask = _records(Path(inputs["pairs"]))
+    images, scores, texts = _records(Path(inputs["pairs"]))
     n = images.shape[0]
     generator = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=generator)
@@ -140,12 +122,13 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         data_images[:, :2] = extra[0]
         data_scores = torch.full((n_data, k), float("nan"))
         data_scores[:, :2] = extra[1]
+        texts = texts + extra[2]
         data_rows = ordered_pairs(data_scores, torch.arange(n_data))
         data_rows[:, 0] += n  # stored after the generated records
         train = torch.cat([train, data_rows])
         images, scores = torch.cat([images, data_images]), torch.cat([scores, data_scores])
-        text = _pad_cat(text, extra[2])
-        mask = _pad_cat(mask[..., None].float(), extra[3][..., None].float())[..., 0].bool()
+    text = pad_and_stack([emb for emb, _ in texts])  # (N, L, D), right-padded
+    mask = pad_and_stack([m for _, m in texts])  # (N, L)
 
     def batch(rows: torch.Tensor):
         """(2B, 3, H, W) in [-1, 1], better images first; text and mask repeated to match."""
