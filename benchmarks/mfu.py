@@ -1,0 +1,100 @@
+"""Training-step throughput and model FLOP utilisation (MFU) of a preset's transformer on the current device.
+
+FLOPs are counted, not estimated: torch.utils.flop_counter counts one full training step (forward + backward of
+the flow-matching loss) on the real model, so attention, MSRoPE-free matmuls and the modulation layers are all in.
+MFU = counted FLOPs per second / the chip's peak dense bf16 (or fp32 on CPU, if --peak-tflops is given) rate.
+
+python benchmarks/mfu.py --preset small --resolution 256 --batch 32
+python benchmarks/mfu.py --preset qwen-image --set model.num_layers=4 --resolution 1328 --batch 1
+    # the published 3072-wide block at full resolution; 4 of its 60 blocks fit one GPU with AdamW state
+
+Inputs are random latents and random text embeddings of the preset's shapes: throughput does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from kiln.config import load_config
+from kiln.flow import flow_matching_loss
+from kiln.models import build_transformer, count_parameters
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--text-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--peak-tflops", type=float, help="the chip's peak rate (default: table by GPU name)")
+    args = parser.parse_args()
+
+    cfg = load_config(args.preset, args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_transformer(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim, device=device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    side = args.resolution // 8  # the VAE downsamples 8x
+    latents = torch.randn(args.batch, cfg.vae.z_dim, side, side, device=device)  # (B, C, H/8, W/8)
+    text = torch.randn(args.batch, args.text_tokens, cfg.text_encoder.dim, device=device)  # (B, L, D)
+    mask = torch.ones(args.batch, args.text_tokens, dtype=torch.bool, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step():
+        with autocast:
+            loss, _, _ = flow_matching_loss(model, latents, text, mask, cfg.objective, cfg.scheduler, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops_per_step = counter.get_total_flops()
+    for _ in range(2):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss.item()
+    sync()
+    seconds = (time.perf_counter() - start) / args.steps
+    achieved = flops_per_step / seconds / 1e12
+    peak = peak_tflops(device, args.peak_tflops)
+    row = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "preset": args.preset, "overrides": args.overrides, "parameters": count_parameters(model),
+        "resolution": args.resolution, "batch": args.batch, "image_tokens": (side // cfg.model.patch_size) ** 2,
+        "precision": args.precision, "step_s": round(seconds, 4), "images_per_s": round(args.batch / seconds, 2),
+        "tflops_per_step": round(flops_per_step / 1e12, 3), "achieved_tflops": round(achieved, 2),
+        "mfu": round(achieved / peak, 4) if peak else None,
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+    }
+    print("mfu", json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
