@@ -1,8 +1,9 @@
 """Training-step throughput and model FLOP utilisation (MFU) of a preset's transformer on the current device.
 
 FLOPs are counted, not estimated: torch.utils.flop_counter counts one full training step (forward + backward of
-the flow-matching loss) on the real model, so attention, MSRoPE-free matmuls and the modulation layers are all in.
-MFU = counted FLOPs per second / the chip's peak dense bf16 (or fp32 on CPU, if --peak-tflops is given) rate.
+the flow-matching loss) on the real model, so attention, the projections and the modulation layers are all in.
+MFU = model FLOPs per second / the chip's peak dense bf16 rate (or --peak-tflops); model FLOPs are counted with
+gradient checkpointing off. HFU also counts the forward that checkpointing recomputes (equal to MFU without it).
 
 python benchmarks/mfu.py --preset small --resolution 256 --batch 32
 python benchmarks/mfu.py --preset qwen-image --set model.num_layers=4 --resolution 1328 --batch 1
@@ -68,12 +69,23 @@ def main() -> None:
         optimizer.step()
         return loss
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    flops_per_step = counter.get_total_flops()
+    def counted_flops() -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        return counter.get_total_flops()
+
+    hardware_flops = counted_flops()  # as configured (with checkpointing: the recomputed forward too)
+    if cfg.model.gradient_checkpointing:
+        model.disable_gradient_checkpointing()
+        flops_per_step = counted_flops()
+        model.enable_gradient_checkpointing()
+    else:
+        flops_per_step = hardware_flops
     for _ in range(2):
         step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the count without checkpointing must not set the peak
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -89,8 +101,10 @@ def main() -> None:
         "preset": args.preset, "overrides": args.overrides, "parameters": count_parameters(model),
         "resolution": args.resolution, "batch": args.batch, "image_tokens": (side // cfg.model.patch_size) ** 2,
         "precision": args.precision, "step_s": round(seconds, 4), "images_per_s": round(args.batch / seconds, 2),
-        "tflops_per_step": round(flops_per_step / 1e12, 3), "achieved_tflops": round(achieved, 2),
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "model_tflops_per_step": round(flops_per_step / 1e12, 3), "model_tflops_per_s": round(achieved, 2),
         "mfu": round(achieved / peak, 4) if peak else None,
+        "hfu": round(hardware_flops / seconds / 1e12 / peak, 4) if peak else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
     }
     print("mfu", json.dumps(row), flush=True)

@@ -3,7 +3,8 @@ dpo -> grpo, with an eval stage after every stage that trains the generator.
 
 Every stage is a Prefect task tagged `gpu` and an MLflow child run nested in the pipeline's parent run. A stage
 whose output folder already holds a manifest with the same cache key (same stage config, same input content,
-same code) is skipped, and its MLflow run points at the run that produced it.
+same code) is skipped, and its MLflow run points at the run that produced it. `force`, `from_stage` and `only`
+(the CLI's --force, --from, --only) override that per stage: see `stage_modes`.
 """
 
 from __future__ import annotations
@@ -50,12 +51,56 @@ def _stage_config(cfg: KilnConfig, kind: str, rung_index: int | None) -> dict:
     return out
 
 
+def stage_names(cfg: KilnConfig) -> list[str]:
+    """Every stage of this config's pipeline, in the order the flow runs them."""
+    names = ["data", "vae", "latents"]
+    for rung in cfg.train.rungs:
+        names += [f"pretrain-{rung.resolution}", f"eval-pretrain-{rung.resolution}"]
+    for stage in ("sft", "preference", "reward", "dpo", "grpo"):
+        if stage in cfg.post_training:
+            names += [stage, f"eval-{stage}"] if stage in ("sft", "dpo", "grpo") else [stage]
+    return names
+
+
+def stage_modes(cfg: KilnConfig, force=(), from_stage: str | None = None, only=(),
+                run_root: Path | None = None) -> dict[str, str]:
+    """{stage: mode} with mode "auto" (skip when its cache key matches), "force" (run), "reuse" (take the existing
+    output) or "skip" (not visited).
+
+    force: run these even when current; from_stage: run it and every stage after it; only: run just these, reuse
+    the existing outputs of the stages before them (with run_root given: a one-line error if one is missing) and
+    leave the stages after them alone."""
+    names = stage_names(cfg)
+    for option, given in (("--force", force), ("--from", [from_stage] if from_stage else []), ("--only", only)):
+        unknown = [name for name in given if name not in names]
+        if unknown:
+            raise ValueError(f"{option}: no stage {', '.join(unknown)} in this pipeline (stages: {', '.join(names)})")
+    if only and (force or from_stage):
+        raise ValueError("--only runs just the named stages: it does not combine with --force or --from")
+    if only:
+        last = max(names.index(name) for name in only)
+        modes = {name: "force" if name in only else "reuse" if i < last else "skip" for i, name in enumerate(names)}
+        missing = [name for name, mode in modes.items()
+                   if mode == "reuse" and run_root is not None and read_stage_manifest(Path(run_root) / name) is None]
+        if missing:
+            raise FileNotFoundError(f"--only: stage {missing[0]} has no finished output in {Path(run_root) / missing[0]}"
+                                    f" to reuse; run it first")
+        return modes
+    start = names.index(from_stage) if from_stage else len(names)
+    return {name: "force" if name in force or i >= start else "auto" for i, name in enumerate(names)}
+
+
 @task(name="stage", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="{name}")
 def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str, parent_run_id: str | None,
-               rung_index: int | None = None) -> str:
+               rung_index: int | None = None, modes: dict | None = None) -> str:
     """Run one stage (or skip it when its output is current) inside its own MLflow child run."""
     cfg = config_from_dict(cfg_tree)
+    mode = (modes or {}).get(name, "auto")
     out_dir = Path(run_root) / name
+    if mode == "skip":
+        return str(out_dir)
+    if mode == "reuse" and read_stage_manifest(out_dir) is None:
+        raise FileNotFoundError(f"--only: stage {name} has no finished output in {out_dir} to reuse; run it first")
     out_dir.mkdir(parents=True, exist_ok=True)
     input_hashes = {}
     for key, path in inputs.items():
@@ -69,7 +114,7 @@ def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str
     tags = {"kiln.stage": name, "kiln.cache_key": key, "kiln.pipeline_run": Path(run_root).name}
     existing = read_stage_manifest(out_dir)
     tracker = start_run(cfg.experiment, name, parent_run_id, tags) if parent_run_id else Tracker(None)
-    if existing and existing.get("cache_key") == key:
+    if existing and (mode == "reuse" or mode == "auto" and existing.get("cache_key") == key):
         tracker.set_tags({"kiln.skipped": "true", "kiln.produced_by": existing.get("mlflow_run_id", "")})
         tracker.log_metrics({k: v for k, v in existing.get("metrics", {}).items() if isinstance(v, (int, float))})
         tracker.end()
@@ -149,11 +194,13 @@ def default_run_name(cfg: KilnConfig) -> str:
 
 @flow(name="kiln-pipeline", log_prints=True)
 def pipeline(preset: str = "tiny", overrides: list[str] | None = None, run_name: str | None = None,
-             track: bool = True) -> dict:
-    """Run the whole pipeline; returns {stage name: output folder}."""
+             track: bool = True, force: list[str] | None = None, from_stage: str | None = None,
+             only: list[str] | None = None) -> dict:
+    """Run the whole pipeline; returns {stage name: output folder}. force / from_stage / only: see stage_modes."""
     cfg = load_config(preset, overrides or [])
     run_name = run_name or default_run_name(cfg)
     run_root = Path(cfg.run_dir) / run_name
+    modes = stage_modes(cfg, force or (), from_stage, only or (), run_root)
     run_root.mkdir(parents=True, exist_ok=True)
     tree = cfg.model_dump(mode="json")
     parent = start_run(cfg.experiment, run_name, tags={"kiln.pipeline_run": run_name, "kiln.preset": preset}) \
@@ -163,7 +210,7 @@ def pipeline(preset: str = "tiny", overrides: list[str] | None = None, run_name:
         parent.log_params(tree)
     outputs: dict[str, str] = {}
     try:
-        common = dict(cfg_tree=tree, run_root=str(run_root), parent_run_id=parent_id)
+        common = dict(cfg_tree=tree, run_root=str(run_root), parent_run_id=parent_id, modes=modes)
         outputs["data"] = stage_task("data", "data", inputs={}, **common)
         outputs["vae"] = stage_task("vae", "vae", inputs={"data": outputs["data"]}, **common)
         outputs["latents"] = stage_task("latents", "latents",
@@ -182,9 +229,10 @@ def pipeline(preset: str = "tiny", overrides: list[str] | None = None, run_name:
         raise
     if parent:
         evals = {name: read_stage_manifest(Path(path)).get("metrics", {}) for name, path in outputs.items()
-                 if name.startswith("eval-")}
-        parent.log_metrics(list(evals.values())[-1])  # the final model's evaluation
-        parent.log_table(comparison_rows(evals), "stage_comparison.json")
+                 if name.startswith("eval-") and modes[name] != "skip"}
+        if evals:
+            parent.log_metrics(list(evals.values())[-1])  # the final model's evaluation
+            parent.log_table(comparison_rows(evals), "stage_comparison.json")
         parent.set_tags({"kiln.run_dir": str(run_root.resolve())})
         parent.end()
     return outputs

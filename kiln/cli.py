@@ -11,16 +11,26 @@ from pathlib import Path
 def _run(args) -> int:
     from kiln.config import load_config
 
-    load_config(args.preset, args.overrides)  # fail on a bad config before Prefect starts
+    cfg = load_config(args.preset, args.overrides)  # fail on a bad config or stage name before Prefect starts
+    from flows.pipeline import stage_modes
+
+    if args.only and not args.run_name:
+        raise ValueError("--only reuses an existing run's outputs: name it with --run-name")
+    run_root = Path(cfg.run_dir) / args.run_name if args.run_name else None
+    stage_modes(cfg, args.force, args.from_stage, args.only, run_root)
     # The ephemeral API server's first start (database migrations) can take over 20 s on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.pipeline import pipeline
 
-    outputs = pipeline(preset=args.preset, overrides=args.overrides, run_name=args.run_name)
-    last = [name for name in outputs if name.startswith("eval-")][-1]
+    outputs = pipeline(preset=args.preset, overrides=args.overrides, run_name=args.run_name, force=args.force,
+                       from_stage=args.from_stage, only=args.only)
     from kiln.stage_io import read_stage_manifest
 
-    metrics = read_stage_manifest(Path(outputs[last]))["metrics"]
+    evaluated = [name for name in outputs if name.startswith("eval-") and read_stage_manifest(Path(outputs[name]))]
+    if not evaluated:
+        print(f"\nkiln: pipeline finished; outputs under {Path(outputs['data']).parent}")
+        return 0
+    metrics = read_stage_manifest(Path(outputs[evaluated[-1]]))["metrics"]
     print(f"\nkiln: pipeline finished; outputs under {Path(outputs['data']).parent}")
     for key in sorted(metrics):
         if key.startswith("eval/heldout/") or key.endswith("/correct"):
@@ -62,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY.PATH=VALUE",
                      help="override a config value, e.g. --set train.rungs.0.steps=100 (repeatable)")
     run.add_argument("--run-name", default=None, help="folder name under run_dir and MLflow run name")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="rerun STAGE even if its output is current (repeatable); later stages rerun if it changed")
+    run.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
+                     help="rerun STAGE and every stage after it")
+    run.add_argument("--only", action="append", default=[], metavar="STAGE",
+                     help="run only STAGE (repeatable), reusing the run's existing outputs of every other stage")
     run.set_defaults(func=_run)
 
     gen = sub.add_parser("generate", help="write PNGs from a stage's checkpoint")

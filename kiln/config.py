@@ -246,6 +246,9 @@ class GrpoConfig(Strict):
     reward_weights: dict[str, float] = {"verifier": 1.0, "reward_model": 1.0}  # for reward: weighted
     num_generations: int = Field(8, ge=2)  # group size G: images per prompt
     prompts_per_step: int = Field(4, gt=0)
+    # Scene kinds the training prompts cycle through: a kind the model already gets right in every sample gives
+    # groups with equal rewards, i.e. zero advantage and no signal, so a preset can leave it out.
+    prompt_kinds: list[Literal["single", "count", "relation"]] = Field(["single", "count", "relation"], min_length=1)
     max_steps: int = Field(20, gt=0)
     learning_rate: float = Field(1e-5, gt=0)
     beta: float = Field(0.01, ge=0)  # KL penalty to the reference model

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from data.shards import BucketBatches
 from kiln.dpo import diffusion_dpo_batch_loss
 from kiln.flow import sample_timesteps
+from kiln.preemption import Preempted, Preemption
 from kiln.stage_io import StageResult, hash_files
 from stages.common import pick_device
 from stages.policy import Policy
@@ -41,32 +42,36 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     stats_sum: dict[str, float] = {}
     n_logged = 0
     bar = tqdm(total=dcfg.max_steps, initial=policy.step_count, desc="dpo", unit="step")
-    while policy.step_count < dcfg.max_steps:
-        batch = next(batches)
-        chosen = batch["chosen"].to(device)  # (B, C, h, w)
-        rejected = batch["rejected"].to(device)
-        text, mask = batch["text_emb"].to(device), batch["text_mask"].to(device)
-        b, _, h, w = chosen.shape
-        resolution = 8 * h
-        t = sample_timesteps(b, (h // 2) * (w // 2), cfg.objective, cfg.scheduler, generator, device)  # (B,)
-        noise = torch.randn(chosen.shape, generator=generator, device=device)  # shared by chosen and rejected
-        loss, stats = diffusion_dpo_batch_loss(policy.model, policy.reference, chosen, rejected, text, mask, t, noise,
-                                               dcfg.beta)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"dpo: loss is {loss.item()} at step {policy.step_count}")
-        grad_norm = policy.update(loss, dcfg.max_grad_norm)
-        bar.update(1)
-        for key, value in {"loss": loss.detach(), "grad_norm": grad_norm, **stats}.items():
-            stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
-        n_logged += 1
-        step = policy.step_count
-        if step % cfg.train.log_every == 0 or step == dcfg.max_steps:
-            means = {f"train/{k}": v / n_logged for k, v in stats_sum.items()}
-            tracker.log_metrics({**means, "train/lr": policy.schedule.get_last_lr()[0]}, step=step)
-            bar.set_postfix(loss=f"{means['train/loss']:.4f}", acc=f"{means['train/rewards/accuracies']:.2f}")
-            stats_sum, n_logged = {}, 0
-        if step % cfg.train.checkpoint_every == 0 and step < dcfg.max_steps:
-            policy.save(out_dir, resolution, generator)
+    with Preemption() as preemption:  # SIGTERM: checkpoint at the end of this step, then stop
+        while policy.step_count < dcfg.max_steps:
+            batch = next(batches)
+            chosen = batch["chosen"].to(device)  # (B, C, h, w)
+            rejected = batch["rejected"].to(device)
+            text, mask = batch["text_emb"].to(device), batch["text_mask"].to(device)
+            b, _, h, w = chosen.shape
+            resolution = 8 * h
+            t = sample_timesteps(b, (h // 2) * (w // 2), cfg.objective, cfg.scheduler, generator, device)  # (B,)
+            noise = torch.randn(chosen.shape, generator=generator, device=device)  # shared by chosen and rejected
+            loss, stats = diffusion_dpo_batch_loss(policy.model, policy.reference, chosen, rejected, text, mask, t, noise,
+                                                   dcfg.beta)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"dpo: loss is {loss.item()} at step {policy.step_count}")
+            grad_norm = policy.update(loss, dcfg.max_grad_norm)
+            bar.update(1)
+            for key, value in {"loss": loss.detach(), "grad_norm": grad_norm, **stats}.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
+            n_logged += 1
+            step = policy.step_count
+            if step % cfg.train.log_every == 0 or step == dcfg.max_steps:
+                means = {f"train/{k}": v / n_logged for k, v in stats_sum.items()}
+                tracker.log_metrics({**means, "train/lr": policy.schedule.get_last_lr()[0]}, step=step)
+                bar.set_postfix(loss=f"{means['train/loss']:.4f}", acc=f"{means['train/rewards/accuracies']:.2f}")
+                stats_sum, n_logged = {}, 0
+            if step % cfg.train.checkpoint_every == 0 and step < dcfg.max_steps:
+                policy.save(out_dir, resolution, generator)
+            if preemption.requested and step < dcfg.max_steps:
+                path = policy.save(out_dir, resolution, generator)
+                raise Preempted(f"dpo: stopped by SIGTERM at step {step}; checkpoint {path} (rerun to resume)")
     bar.close()
     final = policy.save(out_dir, resolution or cfg.train.rungs[-1].resolution, generator)
     tracker.set_tags({"kiln.checkpoint": str(final.resolve())})

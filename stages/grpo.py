@@ -22,6 +22,7 @@ from kiln.checkpoint import resolve_checkpoint
 from kiln.flow import unpack
 from kiln.generate import initial_noise, to_pil
 from kiln.grpo import group_advantages, grpo_loss
+from kiln.preemption import Preempted, Preemption
 from kiln.sampler import flow_sigmas, guided_velocity, sample_sde, sde_mean_std, sde_step_log_prob
 from kiln.stage_io import StageResult, hash_files
 from kiln.vae import decode_latents
@@ -94,59 +95,65 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     group = gcfg.num_generations
 
     bar = tqdm(total=gcfg.max_steps, initial=policy.step_count, desc="grpo", unit="step")
-    while policy.step_count < gcfg.max_steps:
-        step_rng = random.Random(gcfg.seed * 100003 + policy.step_count)  # the prompts of this step, resumable
-        prompts = [c for _, c in training_captions(cfg, gcfg.prompts_per_step, step_rng.randrange(2**31))]
-        captions = [c for c in prompts for _ in range(group)]  # TRL's layout: each prompt G times in a row
-        text, mask = encoder(captions)  # (B, L, D), (B, L)
-        null_b, null_mask_b = null_text.expand(len(captions), -1, -1), null_mask.expand(len(captions), -1)
+    with Preemption() as preemption:  # SIGTERM: checkpoint at the end of this step, then stop
+        while policy.step_count < gcfg.max_steps:
+            step_rng = random.Random(gcfg.seed * 100003 + policy.step_count)  # the prompts of this step, resumable
+            prompts = [c for _, c in training_captions(cfg, gcfg.prompts_per_step, step_rng.randrange(2**31),
+                                                          gcfg.prompt_kinds)]
+            captions = [c for c in prompts for _ in range(group)]  # TRL's layout: each prompt G times in a row
+            text, mask = encoder(captions)  # (B, L, D), (B, L)
+            null_b, null_mask_b = null_text.expand(len(captions), -1, -1), null_mask.expand(len(captions), -1)
 
-        # 1. Sample with the current policy, keeping the trajectory and its per-step log-probs.
-        policy.model.eval()
-        with torch.no_grad():
-            velocity = guided_velocity(policy.model, text, mask, null_b, null_mask_b, gcfg.cfg, grid)
-            noise = initial_noise(len(captions), cfg.vae.z_dim, h, w, generator, device)  # (B, N, C*4)
-            x0, old_log_probs, trajectory = sample_sde(velocity, noise, sigmas, noise_level=gcfg.noise_level,
-                                                       generator=generator)  # (B, N, D), (B, T), (B, T+1, N, D)
-            images = decode_latents(vae, unpack(x0, h, w))  # (B, 3, H, W)
-            rewards, parts = reward(images, captions)  # (B,)
-        advantages = group_advantages(rewards, group, gcfg.scale_rewards).to(device)  # (B,)
+            # 1. Sample with the current policy, keeping the trajectory and its per-step log-probs.
+            policy.model.eval()
+            with torch.no_grad():
+                velocity = guided_velocity(policy.model, text, mask, null_b, null_mask_b, gcfg.cfg, grid)
+                noise = initial_noise(len(captions), cfg.vae.z_dim, h, w, generator, device)  # (B, N, C*4)
+                x0, old_log_probs, trajectory = sample_sde(velocity, noise, sigmas, noise_level=gcfg.noise_level,
+                                                           generator=generator)  # (B, N, D), (B, T), (B, T+1, N, D)
+                images = decode_latents(vae, unpack(x0, h, w))  # (B, 3, H, W)
+                rewards, parts = reward(images, captions)  # (B,)
+            advantages = group_advantages(rewards, group, gcfg.scale_rewards).to(device)  # (B,)
 
-        # 2. Policy update on a random subset of the denoising steps (the same subset for the whole batch).
-        policy.model.train()
-        train_steps = sorted(step_rng.sample(range(steps), n_train))
-        sums: dict[str, float] = {}
-        for _ in range(gcfg.num_iterations):
-            for j in train_steps:
-                x_j, x_next = trajectory[:, j], trajectory[:, j + 1]
-                v = guided_velocity(policy.model, text, mask, null_b, null_mask_b, gcfg.cfg, grid)(x_j, sigmas[j])
-                log_prob, mean, std = sde_step_log_prob(v, x_j, x_next, sigmas[j], sigmas[j + 1],
-                                                        noise_level=gcfg.noise_level, sigma_max=sigma_max)
-                ref_mean = None
-                if gcfg.beta > 0:
-                    with torch.no_grad():
-                        v_ref = guided_velocity(policy.reference, text, mask, null_b, null_mask_b, gcfg.cfg,
-                                                grid)(x_j, sigmas[j])
-                        ref_mean = sde_mean_std(v_ref, x_j, sigmas[j], sigmas[j + 1], noise_level=gcfg.noise_level,
-                                                sigma_max=sigma_max)[0]
-                loss, stats = grpo_loss(log_prob, old_log_probs[:, j], advantages, epsilon=gcfg.epsilon,
-                                        epsilon_high=gcfg.epsilon_high, beta=gcfg.beta, mean=mean, ref_mean=ref_mean,
-                                        std=std)
-                (loss / n_train).backward()
-                for key, value in {"loss": loss.detach(), **stats}.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) / (n_train * gcfg.num_iterations)
-            if not math.isfinite(sums["loss"]):
-                raise FloatingPointError(f"grpo: loss is {sums['loss']} at step {policy.step_count}")
-            grad_norm = policy.optimizer_step(gcfg.max_grad_norm)
-        bar.update(1)
-        metrics = {f"train/{k}": v for k, v in sums.items()}
-        metrics.update({"train/reward": rewards.mean().item(), "train/reward_std": rewards.std().item(),
-                        "train/grad_norm": float(grad_norm),
-                        **{f"train/reward_{name}": value.mean().item() for name, value in parts.items()}})
-        tracker.log_metrics(metrics, step=policy.step_count)
-        bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", kl=f"{metrics.get('train/kl', 0.0):.2e}")
-        if policy.step_count % cfg.train.checkpoint_every == 0 and policy.step_count < gcfg.max_steps:
-            policy.save(out_dir, resolution, generator)
+            # 2. Policy update on a random subset of the denoising steps (the same subset for the whole batch).
+            policy.model.train()
+            train_steps = sorted(step_rng.sample(range(steps), n_train))
+            sums: dict[str, float] = {}
+            for _ in range(gcfg.num_iterations):
+                for j in train_steps:
+                    x_j, x_next = trajectory[:, j], trajectory[:, j + 1]
+                    v = guided_velocity(policy.model, text, mask, null_b, null_mask_b, gcfg.cfg, grid)(x_j, sigmas[j])
+                    log_prob, mean, std = sde_step_log_prob(v, x_j, x_next, sigmas[j], sigmas[j + 1],
+                                                            noise_level=gcfg.noise_level, sigma_max=sigma_max)
+                    ref_mean = None
+                    if gcfg.beta > 0:
+                        with torch.no_grad():
+                            v_ref = guided_velocity(policy.reference, text, mask, null_b, null_mask_b, gcfg.cfg,
+                                                    grid)(x_j, sigmas[j])
+                            ref_mean = sde_mean_std(v_ref, x_j, sigmas[j], sigmas[j + 1], noise_level=gcfg.noise_level,
+                                                    sigma_max=sigma_max)[0]
+                    loss, stats = grpo_loss(log_prob, old_log_probs[:, j], advantages, epsilon=gcfg.epsilon,
+                                            epsilon_high=gcfg.epsilon_high, beta=gcfg.beta, mean=mean, ref_mean=ref_mean,
+                                            std=std)
+                    (loss / n_train).backward()
+                    for key, value in {"loss": loss.detach(), **stats}.items():
+                        sums[key] = sums.get(key, 0.0) + float(value) / (n_train * gcfg.num_iterations)
+                if not math.isfinite(sums["loss"]):
+                    raise FloatingPointError(f"grpo: loss is {sums['loss']} at step {policy.step_count}")
+                grad_norm = policy.optimizer_step(gcfg.max_grad_norm)
+            bar.update(1)
+            metrics = {f"train/{k}": v for k, v in sums.items()}
+            metrics.update({"train/reward": rewards.mean().item(), "train/reward_std": rewards.std().item(),
+                            "train/grad_norm": float(grad_norm),
+                            **{f"train/reward_{name}": value.mean().item() for name, value in parts.items()}})
+            tracker.log_metrics(metrics, step=policy.step_count)
+            bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", kl=f"{metrics.get('train/kl', 0.0):.2e}")
+            if policy.step_count % cfg.train.checkpoint_every == 0 and policy.step_count < gcfg.max_steps:
+                policy.save(out_dir, resolution, generator)
+            if preemption.requested and policy.step_count < gcfg.max_steps:
+                path = policy.save(out_dir, resolution, generator)
+                raise Preempted(f"grpo: stopped by SIGTERM at step {policy.step_count}; checkpoint {path} "
+                                f"(rerun to resume)")
     bar.close()
     final = policy.save(out_dir, resolution, generator)
     tracker.set_tags({"kiln.checkpoint": str(final.resolve())})

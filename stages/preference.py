@@ -31,13 +31,13 @@ from stages.sampling import load_stage, text_encoder_for, vae_for
 from stages.vae import image_tensor
 
 
-def training_captions(cfg, n: int, seed: int) -> list[tuple[str, str]]:
+def training_captions(cfg, n: int, seed: int, kinds=KINDS) -> list[tuple[str, str]]:
     """n (kind, caption) training prompts, kinds in turn (single, count, relation, ...): no held-out pair/triple."""
     holdout = make_holdout(cfg.data.holdout_seed)
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        spec = sample_spec(rng, holdout, "train", KINDS[i % len(KINDS)])
+        spec = sample_spec(rng, holdout, "train", kinds[i % len(kinds)])
         out.append((spec.kind, caption(spec, rng)))
     return out
 

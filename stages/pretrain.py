@@ -22,6 +22,7 @@ from data.shards import BucketBatches, read_manifest
 from kiln.checkpoint import latest_checkpoint, load_trainer_state, load_weights, resolve_checkpoint, save_checkpoint
 from kiln.flow import drop_captions, flow_matching_loss, loss_by_bucket
 from kiln.models import build_transformer, count_parameters, init_adaln_zero
+from kiln.preemption import Preempted, Preemption
 from kiln.stage_io import StageResult, hash_files
 from stages.common import load_uncond, pick_device
 
@@ -177,40 +178,44 @@ def fit(cfg, trainer: Trainer, inputs: dict, out_dir: Path, tracker, label: str)
     bar = tqdm(total=rung.steps, initial=trainer.step_count, desc=label, unit="step")
     batches = trainer.batches()
     last_loss = float("nan")
-    while trainer.step_count < rung.steps:
-        out = trainer.step(next(batches))
-        loss_value = out["loss"].item()  # one host read per step
-        window["loss"] += loss_value
-        window["grad_norm"] += float(out["grad_norm"])
-        window["n"] += 1
-        window["images"] += out["t"].shape[0]
-        for i, (total, count) in loss_by_bucket(out["per_sample"], out["t"], buckets).items():
-            acc = bucket_sums.setdefault(i, [0.0, 0])
-            acc[0] += total
-            acc[1] += count
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"{label}: loss is {loss_value} at step {trainer.step_count}; "
-                                     f"last good checkpoint: {latest_checkpoint(out_dir / 'checkpoints')}")
-        step = trainer.step_count
-        bar.update(1)
-        if step % log_every == 0 or step == rung.steps:
-            elapsed = time.perf_counter() - window["start"]
-            last_loss = window["loss"] / window["n"]
-            metrics = {
-                "train/loss": last_loss,
-                "train/grad_norm": window["grad_norm"] / window["n"],
-                "train/lr": trainer.schedule.get_last_lr()[0],
-                "train/images_per_s": window["images"] / elapsed,
-                **{f"train/loss_t{i}": s / c for i, (s, c) in bucket_sums.items()},
-            }
-            tracker.log_metrics(metrics, step=step)
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-            window.update(loss=0.0, grad_norm=0.0, n=0, images=0, start=time.perf_counter())
-            bucket_sums.clear()
-        if step % cfg.train.checkpoint_every == 0 and step < rung.steps:
-            trainer.save(out_dir)
-        if step % cfg.train.sample_every == 0 or step == rung.steps:
-            log_samples(cfg, trainer.ema, inputs, out_dir, tracker, step, rung.resolution)
+    with Preemption() as preemption:  # SIGTERM: checkpoint at the end of this step, then stop
+        while trainer.step_count < rung.steps:
+            out = trainer.step(next(batches))
+            loss_value = out["loss"].item()  # one host read per step
+            window["loss"] += loss_value
+            window["grad_norm"] += float(out["grad_norm"])
+            window["n"] += 1
+            window["images"] += out["t"].shape[0]
+            for i, (total, count) in loss_by_bucket(out["per_sample"], out["t"], buckets).items():
+                acc = bucket_sums.setdefault(i, [0.0, 0])
+                acc[0] += total
+                acc[1] += count
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"{label}: loss is {loss_value} at step {trainer.step_count}; "
+                                         f"last good checkpoint: {latest_checkpoint(out_dir / 'checkpoints')}")
+            step = trainer.step_count
+            bar.update(1)
+            if step % log_every == 0 or step == rung.steps:
+                elapsed = time.perf_counter() - window["start"]
+                last_loss = window["loss"] / window["n"]
+                metrics = {
+                    "train/loss": last_loss,
+                    "train/grad_norm": window["grad_norm"] / window["n"],
+                    "train/lr": trainer.schedule.get_last_lr()[0],
+                    "train/images_per_s": window["images"] / elapsed,
+                    **{f"train/loss_t{i}": s / c for i, (s, c) in bucket_sums.items()},
+                }
+                tracker.log_metrics(metrics, step=step)
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                window.update(loss=0.0, grad_norm=0.0, n=0, images=0, start=time.perf_counter())
+                bucket_sums.clear()
+            if step % cfg.train.checkpoint_every == 0 and step < rung.steps:
+                trainer.save(out_dir)
+            if step % cfg.train.sample_every == 0 or step == rung.steps:
+                log_samples(cfg, trainer.ema, inputs, out_dir, tracker, step, rung.resolution)
+            if preemption.requested and step < rung.steps:
+                path = trainer.save(out_dir)
+                raise Preempted(f"{label}: stopped by SIGTERM at step {step}; checkpoint {path} (rerun to resume)")
     bar.close()
     final = trainer.save(out_dir)
     tracker.set_tags({"kiln.checkpoint": str(final.resolve())})

@@ -82,4 +82,4 @@ def test_post_training_options_keep_trl_vocabulary():
     assert shared == set(GrpoConfig.model_fields) & trl_grpo
     assert set(GrpoConfig.model_fields) - shared == {  # diffusion-specific, no TRL counterpart
         "reward", "reward_model", "prompts_per_step", "num_inference_steps", "noise_level", "cfg",
-        "timestep_fraction"}
+        "timestep_fraction", "prompt_kinds"}

@@ -124,3 +124,35 @@ def test_empty_data_folder_is_one_line_and_keeps_outputs(smoke_run, tmp_path):
         pretrain.run(load_config("smoke"), {"latents": str(empty), "vae": outputs["vae"]}, stage_out, Tracker(None), 1)
     assert "no shard manifest" in str(err.value) and "\n" not in str(err.value)
     assert sorted(p.name for p in (stage_out / "checkpoints").iterdir()) == before
+
+
+def test_force_from_and_only_pick_the_stages_that_run(smoke_run, prefect_harness):
+    from flows.pipeline import pipeline, stage_modes
+    from kiln.config import load_config
+
+    root, _, overrides = smoke_run
+    cfg = load_config("smoke", overrides)
+    modes = stage_modes(cfg, from_stage="dpo")
+    assert [n for n, m in modes.items() if m == "force"] == ["dpo", "eval-dpo", "grpo", "eval-grpo"]
+    assert set(stage_modes(cfg, force=["vae"]).values()) == {"auto", "force"}
+    with pytest.raises(ValueError, match="--only: no stage ddpo in this pipeline"):
+        stage_modes(cfg, only=["ddpo"])
+
+    def stamps():
+        return {p.parent.name: p.stat().st_mtime for p in (root / "e2e").glob("*/manifest.json")}
+
+    before = stamps()
+    pipeline(preset="smoke", overrides=overrides, run_name="e2e", only=["eval-dpo"])
+    after = stamps()
+    assert [name for name in STAGES if after[name] != before[name]] == ["eval-dpo"]
+    pipeline(preset="smoke", overrides=overrides, run_name="e2e", force=["eval-sft"])
+    assert [name for name in STAGES if stamps()[name] != after[name]] == ["eval-sft"]
+
+
+def test_only_without_earlier_outputs_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "run", "--preset", "smoke", "--set", f"run_dir={tmp_path}",
+         "--run-name", "empty", "--only", "eval-dpo"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"kiln: error: --only: stage data has no finished output in {tmp_path / 'empty' / 'data'} to reuse; run it first"]

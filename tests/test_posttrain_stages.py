@@ -197,6 +197,38 @@ def test_preference_stages_resume_to_identical_weights(stage, labelled_pairs, pr
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("stage", ["dpo", "grpo"])
+def test_preference_stages_checkpoint_on_sigterm(stage, labelled_pairs, pretrained, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from kiln.preemption import Preempted
+
+    root, latents = pretrained
+    module = {"dpo": dpo, "grpo": grpo}[stage]
+    cfg = _cfg("train.checkpoint_every=100", "dpo.max_steps=3", "grpo.max_steps=3", "grpo.reward=verifier")
+    inputs = {"pairs": labelled_pairs, "init": root / "pretrain", "vae": latents / "vae"}
+    module.run(cfg, inputs, tmp_path / "straight", Tracker(None))
+    method = "update" if stage == "dpo" else "optimizer_step"
+    original = getattr(Policy, method)
+
+    def preempted_after_first(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.step_count == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Policy, method, preempted_after_first)
+    with pytest.raises(Preempted, match=f"{stage}: stopped by SIGTERM at step 1"):
+        module.run(cfg, inputs, tmp_path / "preempted", Tracker(None))
+    assert latest_checkpoint(tmp_path / "preempted" / "checkpoints").name == "step-1"
+    monkeypatch.undo()
+    module.run(cfg, inputs, tmp_path / "preempted", Tracker(None))
+    a = load_file(str(latest_checkpoint(tmp_path / "straight" / "checkpoints") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "preempted" / "checkpoints") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_grpo_reward_can_be_the_learned_model_or_a_weighted_sum(labelled_pairs, pretrained, tmp_path):
     from stages import reward
 
@@ -243,3 +275,17 @@ def test_default_judge_is_the_verifier():
     judge = preference.make_judge(_cfg(), "cpu")
     image, _ = render(SceneSpec("single", "red", "circle"), 64, 64, random.Random(0))
     assert judge([image, image], ["a red circle", "a blue square"]) == [1.0, 0.0]
+
+
+def test_grpo_prompts_cycle_through_the_configured_kinds():
+    from data.synthetic import make_holdout, parse_caption
+
+    cfg = load_config("tiny", ["grpo.prompt_kinds=[count, relation]"])
+    prompts = preference.training_captions(cfg, 8, seed=3, kinds=cfg.grpo.prompt_kinds)
+    assert [kind for kind, _ in prompts] == ["count", "relation"] * 4
+    held_out = make_holdout(cfg.data.holdout_seed).pairs
+    for kind, text in prompts:
+        spec = parse_caption(text)
+        assert spec.kind == kind and (spec.colour, spec.shape) not in held_out
+    with pytest.raises(Exception, match="prompt_kinds"):
+        load_config("tiny", ["grpo.prompt_kinds=[squares]"])

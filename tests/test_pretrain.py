@@ -80,3 +80,60 @@ def test_first_losses_regression(smoke_latents, tmp_path, init, expected):
     # Recorded on the CPU build of torch 2.13.0; a change to the objective, sampler of t/noise, data order, model
     # init or VAE training moves these. Update them only for an intended numeric change.
     assert losses == pytest.approx(expected, rel=1e-3)
+
+
+def _same_weights(a_dir, b_dir, step):
+    for which in ("model", "ema"):
+        a = load_file(str(a_dir / "checkpoints" / f"step-{step}" / f"{which}.safetensors"))
+        b = load_file(str(b_dir / "checkpoints" / f"step-{step}" / f"{which}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
+
+
+def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes_identically(smoke_latents, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from kiln.preemption import Preempted
+
+    cfg = load_config("smoke", ["train.rungs.0.steps=8", "train.checkpoint_every=100", "train.sample_every=100"])
+    _run(cfg, smoke_latents, tmp_path / "straight")
+    original = pretrain.Trainer.step
+
+    def preempted_at_5(self, batch):
+        out = original(self, batch)
+        if self.step_count == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before it kills the job
+        return out
+
+    monkeypatch.setattr(pretrain.Trainer, "step", preempted_at_5)
+    with pytest.raises(Preempted, match="stopped by SIGTERM at step 5"):
+        _run(cfg, smoke_latents, tmp_path / "preempted")
+    assert [p.name for p in list_checkpoints(tmp_path / "preempted" / "checkpoints")] == ["step-5"]
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is only installed while training
+    _run(cfg, smoke_latents, tmp_path / "preempted")
+    _same_weights(tmp_path / "straight", tmp_path / "preempted", 8)
+
+
+def test_sigkill_mid_stage_then_rerun_gives_identical_weights(smoke_latents, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    sets = ["train.rungs.0.steps=40", "train.checkpoint_every=10", "train.sample_every=1000",
+            "train.keep_checkpoints=5"]
+    cfg = load_config("smoke", sets)
+    _run(cfg, smoke_latents, tmp_path / "straight")
+    command = [sys.executable, "-m", "stages.pretrain", "--preset", "smoke", *[a for s in sets for a in ("--set", s)],
+               "--latents", str(smoke_latents / "latents"), "--vae", str(smoke_latents / "vae"),
+               "--out", str(tmp_path / "killed")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(tmp_path / "killed" / "checkpoints") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no handler runs, nothing is flushed
+    process.wait()
+    written = [p.name for p in list_checkpoints(tmp_path / "killed" / "checkpoints")]
+    assert written and "step-40" not in written, written
+    _run(cfg, smoke_latents, tmp_path / "killed")
+    _same_weights(tmp_path / "straight", tmp_path / "killed", 40)
