@@ -1,4 +1,5 @@
-"""The `kiln` command: `kiln run` runs the pipeline flow, `kiln generate` writes PNGs from a stage's checkpoint."""
+"""The `kiln` command: `kiln run` runs the pipeline flow, `kiln generate` writes PNGs from a stage's checkpoint,
+`kiln export` writes a stage's model as a diffusers folder."""
 
 from __future__ import annotations
 
@@ -63,6 +64,13 @@ def _generate(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from stages.export import export_diffusers
+
+    print(export_diffusers(Path(args.from_path), Path(args.out)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Train Qwen-Image-style text-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--out", required=True)
     gen.set_defaults(func=_generate)
+
+    export = sub.add_parser("export", help="write a stage's model as a diffusers QwenImagePipeline folder")
+    export.add_argument("--from", dest="from_path", required=True, help="stage output folder or checkpoint folder")
+    export.add_argument("--out", required=True, help="a new folder")
+    export.set_defaults(func=_export)
     return parser
 
 
@@ -100,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         print(f"kiln: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
 

@@ -24,6 +24,13 @@ def _run(cfg, root, out, crash_at=None, monkeypatch=None):
     return pretrain.run(cfg, inputs, out, Tracker(None), rung_index=0)
 
 
+def _same_weights(a_dir, b_dir, step):
+    for which in ("model", "ema"):
+        a = load_file(str(a_dir / "checkpoints" / f"step-{step}" / f"{which}.safetensors"))
+        b = load_file(str(b_dir / "checkpoints" / f"step-{step}" / f"{which}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
+
+
 def test_crashed_stage_resumes_to_identical_weights(smoke_latents, tmp_path, monkeypatch):
     cfg = load_config("smoke", ["train.rungs.0.steps=8", "train.checkpoint_every=3", "train.sample_every=100",
                                 "train.keep_checkpoints=5"])
@@ -34,13 +41,7 @@ def test_crashed_stage_resumes_to_identical_weights(smoke_latents, tmp_path, mon
     assert latest_checkpoint(tmp_path / "crashed" / "checkpoints").name == "step-6"
     monkeypatch.undo()
     _run(cfg, smoke_latents, tmp_path / "crashed")  # resumes at step 6
-
-    for which in ("model", "ema"):
-        a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-8" / f"{which}.safetensors"))
-        b = load_file(str(tmp_path / "crashed" / "checkpoints" / "step-8" / f"{which}.safetensors"))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), (which, key)
+    _same_weights(tmp_path / "straight", tmp_path / "crashed", 8)
 
 
 def test_checkpoint_contents_and_rotation(smoke_latents, tmp_path):
@@ -80,13 +81,6 @@ def test_first_losses_regression(smoke_latents, tmp_path, init, expected):
     # Recorded on the CPU build of torch 2.13.0; a change to the objective, sampler of t/noise, data order, model
     # init or VAE training moves these. Update them only for an intended numeric change.
     assert losses == pytest.approx(expected, rel=1e-3)
-
-
-def _same_weights(a_dir, b_dir, step):
-    for which in ("model", "ema"):
-        a = load_file(str(a_dir / "checkpoints" / f"step-{step}" / f"{which}.safetensors"))
-        b = load_file(str(b_dir / "checkpoints" / f"step-{step}" / f"{which}.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
 
 
 def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes_identically(smoke_latents, tmp_path, monkeypatch):

@@ -1,0 +1,43 @@
+"""Export a generator stage's output (a pretrain rung, sft, dpo or grpo) as a diffusers folder that
+`QwenImagePipeline.from_pretrained` loads: transformer (EMA weights), VAE and scheduler config in diffusers'
+layout, plus `kiln.json` naming the text encoder and the sampling defaults.
+
+The text encoder is referenced, not copied: Qwen-Image's own (Qwen2.5-VL) would be 15 GB of weights the user
+already has under the hub id the config names, and the tiny preset's MiniLM is not a Qwen2.5-VL that the pipeline
+could load. So model_index.json leaves text_encoder and tokenizer empty, and captions are encoded with
+kiln.text_encoder (the config in kiln.json) and passed as `prompt_embeds` / `prompt_embeds_mask`:
+
+    pipe = QwenImagePipeline.from_pretrained(folder, text_encoder=None, tokenizer=None)
+    text, mask = build_text_encoder(TextEncoderConfig(**json.load(open(folder / "kiln.json"))["text_encoder"]))(captions)
+    images = pipe(prompt_embeds=text, prompt_embeds_mask=mask.long(), ...).images
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import QwenImagePipeline
+
+from kiln.sampler import make_scheduler
+from stages.sampling import load_stage
+from stages.vae import load_vae
+
+
+def export_diffusers(stage_dir: Path, out_dir: Path) -> Path:
+    """Write out_dir (created; an existing non-empty folder is refused so nothing is overwritten) and return it."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"export: {out_dir} exists and is not empty; choose a new --out folder")
+    cfg, model, vae_dir, meta = load_stage(Path(stage_dir))
+    vae = load_vae(vae_dir, cfg.vae)
+    pipe = QwenImagePipeline(scheduler=make_scheduler(cfg.scheduler), vae=vae, text_encoder=None, tokenizer=None,
+                             transformer=model)
+    pipe.save_pretrained(out_dir)
+    (out_dir / "kiln.json").write_text(json.dumps({
+        "source": str(Path(stage_dir).resolve()),
+        "text_encoder": cfg.text_encoder.model_dump(mode="json"),
+        "sampler": cfg.sampler.model_dump(mode="json"),  # steps, true-CFG scale, negative prompt kiln generates with
+        "resolution": meta.get("resolution"),
+    }, indent=1))
+    return out_dir
