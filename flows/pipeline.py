@@ -9,12 +9,14 @@ same code) is skipped, and its MLflow run points at the run that produced it. `f
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 
 from kiln.config import KilnConfig, config_from_dict, load_config
 from kiln.stage_io import cache_key, read_stage_manifest, write_stage_manifest
@@ -90,6 +92,12 @@ def stage_modes(cfg: KilnConfig, force=(), from_stage: str | None = None, only=(
     return {name: "force" if name in force or i >= start else "auto" for i, name in enumerate(names)}
 
 
+def gpu_slot(limit_name: str | None):
+    """One slot of the named Prefect global concurrency limit while a stage computes (none when unnamed; a limit
+    that is not defined on the server limits nothing)."""
+    return concurrency(limit_name, occupy=1, strict=False) if limit_name else contextlib.nullcontext()
+
+
 @task(name="stage", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="{name}")
 def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str, parent_run_id: str | None,
                rung_index: int | None = None, modes: dict | None = None) -> str:
@@ -125,7 +133,8 @@ def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str
     started = time.time()
     try:
         extra = {"rung_index": rung_index} if rung_index is not None else {}
-        result = module.run(cfg, inputs, out_dir, tracker, **extra)
+        with gpu_slot(cfg.gpu_concurrency_limit):
+            result = module.run(cfg, inputs, out_dir, tracker, **extra)
     except BaseException:
         tracker.end("FAILED")
         raise

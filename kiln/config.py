@@ -280,6 +280,9 @@ class KilnConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     run_dir: str = "runs"
     experiment: str = "kiln"
+    # Prefect global concurrency limit every stage holds a slot of while it computes, so two stages never share a
+    # GPU: `prefect gcl create kiln-gpu --limit N` for N GPUs. A limit that does not exist limits nothing.
+    gpu_concurrency_limit: str | None = "kiln-gpu"
     data: DataConfig = DataConfig()
     text_encoder: TextEncoderConfig = TextEncoderConfig()
     vae: VaeConfig = VaeConfig()

@@ -156,3 +156,34 @@ def test_only_without_earlier_outputs_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"kiln: error: --only: stage data has no finished output in {tmp_path / 'empty' / 'data'} to reuse; run it first"]
+
+
+def test_gpu_slot_keeps_two_stages_off_one_gpu(prefect_harness):
+    """With a 1-slot global concurrency limit, two stages that want the GPU at once run one after the other."""
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows.pipeline import gpu_slot
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="test-gpu", limit=1))
+    spans = []
+
+    def stage():
+        with gpu_slot("test-gpu"):
+            start = time.monotonic()
+            time.sleep(1.0)
+            spans.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=stage) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (a_start, a_end), (b_start, b_end) = sorted(spans)
+    assert b_start >= a_end - 0.05  # no overlap
+    with gpu_slot("no-such-limit"):  # an undefined limit limits nothing
+        pass
