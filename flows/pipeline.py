@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
 from kiln.config import KilnConfig, config_from_dict, load_config
+from kiln.preemption import Preempted
 from kiln.stage_io import cache_key, read_stage_manifest, write_stage_manifest
 from kiln.tracking import Tracker, start_run
 
@@ -92,13 +93,30 @@ def stage_modes(cfg: KilnConfig, force=(), from_stage: str | None = None, only=(
     return {name: "force" if name in force or i >= start else "auto" for i, name in enumerate(names)}
 
 
+# Failures a retry cannot fix (bad config or data, a NaN loss, a missing input, pre-emption): the stage fails once
+# with its one-line message and keeps its last good checkpoint. Anything else (I/O, a lost GPU, a dropped
+# connection) is retried, resuming from that checkpoint.
+PERMANENT_ERRORS = (ValueError, FloatingPointError, FileNotFoundError, FileExistsError, KeyError, TypeError, Preempted)
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect retry_condition_fn: retry unless the stage failed for a real reason (PERMANENT_ERRORS)."""
+    return not isinstance(state.data, PERMANENT_ERRORS)
+
+
+def stage_module(kind: str):
+    """The plain-function module that implements a stage kind (stages/<kind>.py)."""
+    return importlib.import_module(f"stages.{kind}")
+
+
 def gpu_slot(limit_name: str | None):
     """One slot of the named Prefect global concurrency limit while a stage computes (none when unnamed; a limit
     that is not defined on the server limits nothing)."""
     return concurrency(limit_name, occupy=1, strict=False) if limit_name else contextlib.nullcontext()
 
 
-@task(name="stage", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="{name}")
+@task(name="stage", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="{name}", retries=2, retry_delay_seconds=10,
+      retry_condition_fn=retry_transient)
 def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str, parent_run_id: str | None,
                rung_index: int | None = None, modes: dict | None = None) -> str:
     """Run one stage (or skip it when its output is current) inside its own MLflow child run."""
@@ -129,7 +147,7 @@ def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str
         return str(out_dir)
     tracker.log_params(cfg.model_dump(mode="json"))
     tracker.set_tags({"kiln.output": str(out_dir.resolve())})
-    module = importlib.import_module(f"stages.{kind}")
+    module = stage_module(kind)
     started = time.time()
     try:
         extra = {"rung_index": rung_index} if rung_index is not None else {}

@@ -187,3 +187,34 @@ def test_gpu_slot_keeps_two_stages_off_one_gpu(prefect_harness):
     assert b_start >= a_end - 0.05  # no overlap
     with gpu_slot("no-such-limit"):  # an undefined limit limits nothing
         pass
+
+
+def test_transient_failures_are_retried_and_real_ones_fail_once(prefect_harness, smoke_config, tmp_path,
+                                                                   monkeypatch):
+    import types
+
+    import flows.pipeline as pipeline_module
+    from kiln.stage_io import StageResult
+
+    calls = []
+
+    def make_stage(error):
+        def run(cfg, inputs, out_dir, tracker):
+            calls.append(error)
+            if len(calls) == 1:
+                raise error
+            return StageResult("vae", out_dir, {}, "hash")
+        return types.SimpleNamespace(run=run)
+
+    task = pipeline_module.stage_task.with_options(retry_delay_seconds=0)
+    common = dict(cfg_tree=smoke_config.model_dump(mode="json"), inputs={}, parent_run_id=None)
+    monkeypatch.setattr(pipeline_module, "stage_module", lambda kind: make_stage(OSError("disk hiccup")))
+    assert task("vae", "vae", run_root=str(tmp_path / "a"), **common) == str(tmp_path / "a" / "vae")
+    assert len(calls) == 2  # failed once, retried, finished
+
+    calls.clear()
+    monkeypatch.setattr(pipeline_module, "stage_module",
+                        lambda kind: make_stage(FloatingPointError("vae: loss is nan at step 3")))
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        task("vae", "vae", run_root=str(tmp_path / "b"), **common)
+    assert len(calls) == 1  # not retried
