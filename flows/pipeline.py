@@ -21,7 +21,8 @@ from prefect.concurrency.sync import concurrency
 from kiln.config import KilnConfig, config_from_dict, load_config
 from kiln.preemption import Preempted
 from kiln.stage_io import cache_key, read_stage_manifest, write_stage_manifest
-from kiln.tracking import Tracker, start_run
+from kiln.checkpoint import resolve_checkpoint
+from kiln.tracking import Tracker, register_model, start_run
 
 # Which config sections each stage depends on (its cache key covers only these).
 STAGE_SECTIONS = {
@@ -261,5 +262,14 @@ def pipeline(preset: str = "tiny", overrides: list[str] | None = None, run_name:
             parent.log_metrics(list(evals.values())[-1])  # the final model's evaluation
             parent.log_table(comparison_rows(evals), "stage_comparison.json")
         parent.set_tags({"kiln.run_dir": str(run_root.resolve())})
+        # The final generator in the model registry, aliased by this pipeline run's name.
+        final = next((name for name in ("grpo", "dpo", "sft", previous and Path(previous).name)
+                      if name in outputs and modes.get(name) != "skip"), None)
+        if final:
+            manifest = read_stage_manifest(Path(outputs[final]))
+            model_name = f"{cfg.experiment}-{cfg.name}"
+            version = register_model(model_name, str(resolve_checkpoint(Path(outputs[final])).resolve()),
+                                     manifest.get("mlflow_run_id"), run_name)
+            parent.set_tags({"kiln.registered_model": f"{model_name}/{version}", "kiln.final_stage": final})
         parent.end()
     return outputs

@@ -1,5 +1,5 @@
 """The `kiln` command: `kiln run` runs the pipeline flow, `kiln generate` writes PNGs from a stage's checkpoint,
-`kiln export` writes a stage's model as a diffusers folder."""
+`kiln export` writes a stage's model as a diffusers folder, `kiln compare` tabulates runs from MLflow."""
 
 from __future__ import annotations
 
@@ -71,6 +71,15 @@ def _export(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from flows.compare import compare
+
+    print(compare(args.runs, args.experiment, Path(args.grid) if args.grid else None))
+    if args.grid:
+        print(f"sample grid: {args.grid}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Train Qwen-Image-style text-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--from", dest="from_path", required=True, help="stage output folder or checkpoint folder")
     export.add_argument("--out", required=True, help="a new folder")
     export.set_defaults(func=_export)
+
+    cmp = sub.add_parser("compare", help="stage-by-stage evaluation table of pipeline runs, from MLflow")
+    cmp.add_argument("runs", nargs="+", help="pipeline run names (the folders under runs/)")
+    cmp.add_argument("--experiment", default="kiln", help="MLflow experiment (config `experiment`)")
+    cmp.add_argument("--grid", default=None, help="also write a side-by-side sample grid to this .png")
+    cmp.set_defaults(func=_compare)
     return parser
 
 

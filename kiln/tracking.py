@@ -100,6 +100,24 @@ def start_run(experiment: str, run_name: str, parent_run_id: str | None = None, 
     return Tracker(run.info.run_id)
 
 
+def register_model(name: str, source: str, run_id: str | None, alias: str) -> str:
+    """A new version of registered model `name` (created if missing) pointing at `source` (a checkpoint folder),
+    produced by run `run_id`, with `alias` set to it. Returns the version. Aliases allow letters, digits, - and _."""
+    import re
+
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=source, run_id=run_id).version
+    client.set_registered_model_alias(name, re.sub(r"[^\w-]", "-", alias), version)
+    return version
+
+
 def tracking_uri() -> str:
     """MLflow's own default (sqlite:///mlflow.db in the working directory) unless MLFLOW_TRACKING_URI is set."""
     import mlflow

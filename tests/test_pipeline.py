@@ -66,6 +66,9 @@ def test_mlflow_parent_and_children(smoke_run):
     assert stages == ["pretrain-32", "pretrain-64", "sft", "dpo", "grpo"]
     images = [a.path for a in client.list_artifacts(pretrain.info.run_id, "images")]
     assert images, "sample grids logged during training"
+    registered = client.get_model_version_by_alias("kiln-e2e-smoke", "e2e")  # the final model, aliased by run name
+    assert registered.run_id == by_stage["grpo"].info.run_id and "/e2e/grpo/checkpoints/step-" in registered.source
+    assert parents[0].data.tags["kiln.registered_model"] == f"kiln-e2e-smoke/{registered.version}"
 
 
 def test_rerun_skips_finished_stages(smoke_run, prefect_harness):
@@ -218,3 +221,18 @@ def test_transient_failures_are_retried_and_real_ones_fail_once(prefect_harness,
     with pytest.raises(FloatingPointError, match="loss is nan"):
         task("vae", "vae", run_root=str(tmp_path / "b"), **common)
     assert len(calls) == 1  # not retried
+
+
+def test_compare_prints_the_stage_table_and_writes_a_grid(smoke_run, tmp_path):
+    from PIL import Image
+
+    from flows.compare import compare
+
+    table = compare(["e2e", "e2e"], experiment="kiln-e2e", out=tmp_path / "grid.png")
+    lines = table.splitlines()
+    assert lines[0].startswith("| run | stage | heldout single colour+shape |")
+    stages = [line.split("|")[2].strip() for line in lines[2:]]
+    assert stages == ["pretrain-32", "pretrain-64", "sft", "dpo", "grpo"] * 2
+    assert Image.open(tmp_path / "grid.png").size[1] == 10 * 96  # one row per run and evaluated stage
+    with pytest.raises(ValueError, match="no finished pipeline run named 'nope'"):
+        compare(["nope"], experiment="kiln-e2e")
