@@ -18,10 +18,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
+from kiln.checkpoint import resolve_checkpoint
 from kiln.config import KilnConfig, config_from_dict, load_config
 from kiln.preemption import Preempted
 from kiln.stage_io import cache_key, read_stage_manifest, write_stage_manifest
-from kiln.checkpoint import resolve_checkpoint
 from kiln.tracking import Tracker, register_model, start_run
 
 # Which config sections each stage depends on (its cache key covers only these).
