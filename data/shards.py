@@ -504,8 +504,11 @@ class BucketBatches:
     fields and image list[PIL.Image] if load_images.
 
     position() is the next batch to yield; pass it back as start= to continue the
-    exact sequence. Under torch.distributed each rank yields every world_size-th
-    batch (epochs trimmed to a multiple of world_size so ranks stay in step).
+    exact sequence. batch_size is the global batch: under torch.distributed (or with
+    rank/world_size given) rank r yields rows [r * b, (r + 1) * b) of every global batch,
+    b = batch_size / world_size, and decodes only the shards those rows come from. The
+    order, and so position(), does not depend on world_size: a checkpoint written by N
+    processes continues exactly in one.
     Iterate it in the main process (not inside DataLoader workers).
     """
 
@@ -551,17 +554,22 @@ class BucketBatches:
         self.world_size = default_size if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} not in [0, {self.world_size})")
+        if self.batch_size % self.world_size or (self.world_size > 1 and not drop_last):
+            raise ValueError(f"global batch_size {self.batch_size} must split evenly over {self.world_size} processes "
+                             f"(and drop_last=True)")
+        self.rows = slice(self.rank * self.batch_size // self.world_size,
+                          (self.rank + 1) * self.batch_size // self.world_size)  # this rank's rows of each batch
 
         per_bucket: dict[Bucket, int] = {}
         for shard in self._shards:
             per_bucket[shard.bucket] = per_bucket.get(shard.bucket, 0) + shard.count
         rounding = (lambda n: n // self.batch_size) if drop_last else (lambda n: -(-n // self.batch_size))
-        self._batches_per_epoch = sum(rounding(n) for n in per_bucket.values())  # all ranks together
+        self._batches_per_epoch = sum(rounding(n) for n in per_bucket.values())
         if len(self) == 0:
             raise ValueError(
                 f"no batches: {sum(per_bucket.values())} samples in buckets "
                 f"{', '.join(bucket_name(b) for b in per_bucket)} at batch_size {self.batch_size} "
-                f"(drop_last={drop_last}, world_size={self.world_size})"
+                f"(drop_last={drop_last})"
             )
 
         self._cache: dict[str, list[dict]] = {}  # relpath -> decoded samples, if cache_in_memory
@@ -570,8 +578,8 @@ class BucketBatches:
             self._seek(int(start["epoch"]), int(start["batch"]))
 
     def __len__(self) -> int:
-        """Batches per epoch for this rank."""
-        return self._batches_per_epoch // self.world_size
+        """(Global) batches per epoch."""
+        return self._batches_per_epoch
 
     def position(self) -> dict:
         """The next batch to yield: {"epoch": e, "batch": b}."""
@@ -587,7 +595,7 @@ class BucketBatches:
         self._epoch, self._batch = (epoch + 1, 0) if batch == len(self) else (epoch, batch)
 
     def _plan(self, epoch: int) -> list[list[tuple[int, int]]]:
-        """This rank's batches for `epoch`, each a list of (shard index, sample index in shard)."""
+        """This rank's rows of every batch of `epoch`, each a list of (shard index, sample index in shard)."""
         rng = random.Random(self.seed * 1000003 + epoch)
         shard_order = list(range(len(self._shards)))
         rng.shuffle(shard_order)
@@ -604,8 +612,7 @@ class BucketBatches:
                 del queue[: self.batch_size]
         if not self.drop_last:
             batches.extend(queue for _, queue in sorted(pending.items()) if queue)
-        usable = len(batches) - len(batches) % self.world_size
-        return batches[self.rank : usable : self.world_size]
+        return [batch[self.rows] for batch in batches]
 
     def preload(self) -> int:
         """With cache_in_memory, decode every shard now rather than during the first epoch (keeps decoding out of

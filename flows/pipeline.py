@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
+import os
 import time
+from datetime import datetime
 from pathlib import Path
 
 from prefect import flow, task
@@ -23,6 +26,7 @@ from kiln.config import KilnConfig, config_from_dict, load_config
 from kiln.preemption import Preempted
 from kiln.stage_io import cache_key, read_stage_manifest, write_stage_manifest
 from kiln.tracking import Tracker, register_model, start_run
+from stages.worker import DATA_PARALLEL_KINDS, launch
 
 # Which config sections each stage depends on (its cache key covers only these).
 STAGE_SECTIONS = {
@@ -116,6 +120,24 @@ def gpu_slot(limit_name: str | None):
     return concurrency(limit_name, occupy=1, strict=False) if limit_name else contextlib.nullcontext()
 
 
+def claim_output(out_dir: Path, key: str) -> Path | None:
+    """Before a stage runs: keep its folder when it holds an unfinished run with this cache key (its checkpoints
+    are what the stage resumes from); otherwise move what is there (a finished output being rerun, or an unfinished
+    run under another config or code) to RUN/.superseded/, so nothing is lost and nothing stale is resumed.
+    Returns where the old contents went, if anywhere."""
+    started, moved = out_dir / "started.json", None
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        same_run = started.exists() and json.loads(started.read_text()).get("cache_key") == key
+        if (out_dir / "manifest.json").exists() or not same_run:
+            moved = out_dir.parent / ".superseded" / f"{out_dir.name}-{datetime.now():%Y%m%dT%H%M%S%f}"
+            moved.parent.mkdir(exist_ok=True)
+            os.replace(out_dir, moved)
+            print(f"{out_dir.name}: previous output moved to {moved}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps({"cache_key": key}))
+    return moved
+
+
 @task(name="stage", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="{name}", retries=2, retry_delay_seconds=10,
       retry_condition_fn=retry_transient)
 def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str, parent_run_id: str | None,
@@ -146,14 +168,19 @@ def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str
         tracker.log_metrics({k: v for k, v in existing.get("metrics", {}).items() if isinstance(v, (int, float))})
         tracker.end()
         return str(out_dir)
+    superseded = claim_output(out_dir, key)
     tracker.log_params(cfg.model_dump(mode="json"))
-    tracker.set_tags({"kiln.output": str(out_dir.resolve())})
+    tracker.set_tags({"kiln.output": str(out_dir.resolve()),
+                      **({"kiln.superseded": str(superseded)} if superseded else {})})
     module = stage_module(kind)
     started = time.time()
     try:
         extra = {"rung_index": rung_index} if rung_index is not None else {}
         with gpu_slot(cfg.gpu_concurrency_limit):
-            result = module.run(cfg, inputs, out_dir, tracker, **extra)
+            if cfg.distributed.world_size > 1 and kind in DATA_PARALLEL_KINDS:
+                result = launch(kind, cfg, inputs, out_dir, tracker.run_id, rung_index)  # torchrun, N processes
+            else:
+                result = module.run(cfg, inputs, out_dir, tracker, **extra)
     except BaseException:
         tracker.end("FAILED")
         raise

@@ -6,6 +6,11 @@ checkpoints/step-N/
                                        (torch.save; loaded with weights_only=True)
   meta.json                            step and anything JSON-able
 Written to checkpoints/.tmp-step-N and renamed, so a crash never leaves a half checkpoint under a final name.
+
+Sharded (FSDP2, several processes): model/, ema/ and optimizer/ folders in place of the first two files, each rank
+writing its own shards through torch.distributed.checkpoint as safetensors files whose headers carry the sharding
+(HuggingFaceStorageWriter: no pickled metadata). They load into any number of processes, one included: DCP
+reshards on load. A consolidated (final) sharded checkpoint also holds the whole model.safetensors and ema.safetensors.
 """
 
 from __future__ import annotations
@@ -59,11 +64,90 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def load_weights(path: Path, module: torch.nn.Module, which: str = "model") -> None:
-    """Load model.safetensors or ema.safetensors into module (strict)."""
-    file = Path(path) / f"{which}.safetensors"
-    if not file.exists():
-        raise FileNotFoundError(f"checkpoint: no {file.name} in {path}")
-    module.load_state_dict(load_file(str(file)))
+    """Load model.safetensors or ema.safetensors (or their sharded folders) into module (strict); the module may
+    itself be sharded (FSDP2)."""
+    from kiln.distributed import is_sharded
+
+    file, shards = Path(path) / f"{which}.safetensors", Path(path) / which
+    if file.exists():
+        state = load_file(str(file))
+        if is_sharded(module):  # every rank reads the whole file and keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            module.load_state_dict(state)
+    elif shards.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        state = module.state_dict()  # DTensor shards or whole tensors: DCP reads the slices each one needs
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(shards)))
+        module.load_state_dict(state)
+    else:
+        raise FileNotFoundError(f"checkpoint: no {file.name} (or sharded {which}/) in {path}")
+
+
+def save_sharded_checkpoint(ckpt_dir: Path, step: int, model, ema, optimizer, trainer_state: dict, meta: dict,
+                            keep: int = 2, consolidate: bool = False) -> Path:
+    """Collective (every rank calls it): FSDP2 model, EMA and optimizer shards, plus rank 0's trainer.pt and
+    meta.json. consolidate: also gather the whole model and EMA into rank 0's model/ema.safetensors (a stage's
+    final checkpoint, which later stages and `kiln export` read as usual)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    from kiln.distributed import barrier, ranks
+
+    main = ranks().is_main
+    ckpt_dir = Path(ckpt_dir)
+    final, tmp = ckpt_dir / f"step-{step}", ckpt_dir / f".tmp-step-{step}"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    optim_state = get_optimizer_state_dict(model, optimizer)  # {"state": {fqn: {name: tensor}}, "param_groups": [...]}
+    flat_optim = {f"{fqn}.{name}": value for fqn, entries in optim_state["state"].items()
+                  for name, value in entries.items()}
+    for name, state in (("model", model.state_dict()), ("ema", ema.state_dict()), ("optimizer", flat_optim)):
+        dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / name), save_distributed=True))
+    if consolidate:
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        for name, module in (("model", model), ("ema", ema)):
+            state = get_model_state_dict(module, options=whole)  # gathered on rank 0, empty elsewhere
+            if main:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"{name}.safetensors"))
+    if main:
+        torch.save({**trainer_state, "param_groups": optim_state["param_groups"]}, tmp / "trainer.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "sharded_over": ranks().world_size, **meta}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (Path(path) / "optimizer").is_dir()
+
+
+def load_sharded_optimizer(path: Path, model, optimizer, param_groups: list[dict]) -> None:
+    """Optimizer state from a sharded checkpoint into `optimizer` over `model` (sharded or whole)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    reader = dcp.HuggingFaceStorageReader(str(Path(path) / "optimizer"))
+    saved = set(reader.read_metadata().state_dict_metadata)
+    template = get_optimizer_state_dict(model, optimizer)  # initialises the state: tensors of the right shapes
+    # Parameters that never had a gradient (the last block's unused text outputs) have no state in the checkpoint.
+    template_state = {fqn: entries for fqn, entries in template["state"].items()
+                      if all(f"{fqn}.{name}" in saved for name in entries)}
+    flat = {f"{fqn}.{name}": value for fqn, entries in template_state.items() for name, value in entries.items()}
+    dcp.load(flat, storage_reader=reader)
+    state = {fqn: {name: flat[f"{fqn}.{name}"] for name in entries} for fqn, entries in template_state.items()}
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": param_groups},
+                             options=StateDictOptions(strict=False))  # strict would demand state for those too
 
 
 def load_trainer_state(path: Path) -> dict:
@@ -75,7 +159,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint: {path} does not exist")
-    if (path / "model.safetensors").exists():
+    if (path / "model.safetensors").exists() or (path / "model").is_dir() and (path / "meta.json").exists():
         return path
     for candidate in (path / "final", path / "checkpoints"):
         if (candidate / "model.safetensors").exists():

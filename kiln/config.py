@@ -66,6 +66,7 @@ class VaeTrainConfig(Strict):
     foreground_weight: float = Field(10.0, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     log_every: int = Field(50, gt=0)
+    checkpoint_every: int = Field(200, gt=0)  # the stage resumes from the latest after a crash or SIGTERM
 
 
 class VaeConfig(Strict):
@@ -136,6 +137,27 @@ class RungConfig(Strict):
     steps: int = Field(gt=0)
     batch_size: int = Field(32, gt=0)
     lr: float | None = None
+
+
+class DistributedConfig(Strict):
+    """Data parallelism for the stages that train with the pretrain trainer (pretrain rungs, sft): more than one
+    process makes the stage task launch them with torchrun. Batch sizes stay global (split across processes)."""
+
+    nproc_per_node: int = Field(1, gt=0)  # processes (GPUs) per node
+    nnodes: int = Field(1, gt=0)
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicate (small models); fsdp: FSDP2 shards by block (large)
+    rdzv_endpoint: str | None = None  # host:port of node 0, needed for nnodes > 1 (c10d rendezvous)
+    rdzv_id: str = "kiln"
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @model_validator(mode="after")
+    def _endpoint_for_nodes(self) -> "DistributedConfig":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"distributed.rdzv_endpoint (node 0's host:port) is needed for nnodes={self.nnodes}")
+        return self
 
 
 class TrainConfig(Strict):
@@ -225,6 +247,7 @@ class RewardModelConfig(Strict):
     # Extra training pairs from the data stage's rendered training images at the preference resolution: a
     # caption's own image against another scene's image, ordered by the verifier (0: none).
     data_pairs: int = Field(0, ge=0)
+    checkpoint_every: int = Field(100, gt=0)  # the stage resumes from the latest after a crash or SIGTERM
 
 
 class DpoConfig(Strict):
@@ -299,6 +322,7 @@ class KilnConfig(Strict):
     reward: RewardModelConfig = RewardModelConfig()
     dpo: DpoConfig = DpoConfig()
     grpo: GrpoConfig = GrpoConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> "KilnConfig":
@@ -308,6 +332,11 @@ class KilnConfig(Strict):
                 raise ValueError(f"train.rungs resolution {rung.resolution} must be a multiple of {multiple}")
         if self.eval.resolution and self.eval.resolution % multiple:
             raise ValueError(f"eval.resolution {self.eval.resolution} must be a multiple of {multiple}")
+        world = self.distributed.world_size
+        for what, size in [*((f"train.rungs resolution {r.resolution}", r.batch_size) for r in self.train.rungs),
+                           ("sft", self.sft.batch_size)]:
+            if size % world:
+                raise ValueError(f"{what}: batch_size {size} does not split over {world} processes (distributed)")
         post = self.post_training
         if post != sorted(post, key=POST_TRAINING_STAGES.index) or len(set(post)) != len(post):
             raise ValueError(f"post_training stages must be distinct and in the order {list(POST_TRAINING_STAGES)}")

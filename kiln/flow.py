@@ -57,12 +57,15 @@ def predict_velocity(model, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor
     )[0]
 
 
-def drop_captions(text, mask, null_text, null_mask, p: float, generator=None):
-    """Replace a fraction p of captions with the empty caption's embedding (for classifier-free guidance)."""
+def drop_captions(text, mask, null_text, null_mask, p: float, generator=None, rows: slice | None = None,
+                  global_batch: int | None = None):
+    """Replace a fraction p of captions with the empty caption's embedding (for classifier-free guidance).
+    rows / global_batch: see flow_matching_loss."""
     if p <= 0:
         return text, mask
     b, length, _ = text.shape
-    drop = torch.rand(b, generator=generator, device=text.device) < p  # (B,)
+    rows, total = (rows, global_batch) if rows is not None else (slice(0, b), b)
+    drop = (torch.rand(total, generator=generator, device=text.device) < p)[rows]  # (B,)
     if not drop.any():
         return text, mask
     null_len = null_text.shape[0]
@@ -79,12 +82,16 @@ def drop_captions(text, mask, null_text, null_mask, p: float, generator=None):
     return text, mask
 
 
-def flow_matching_loss(model, latents, text, mask, objective, sched, generator=None):
-    """latents: (B, C, h, w) normalised x0. Returns (mean loss, per-sample loss (B,), t (B,))."""
+def flow_matching_loss(model, latents, text, mask, objective, sched, generator=None, rows: slice | None = None,
+                       global_batch: int | None = None):
+    """latents: (B, C, h, w) normalised x0. Returns (mean loss, per-sample loss (B,), t (B,)).
+    Data parallel: this process holds `rows` of a global batch of `global_batch` samples; t and noise are drawn for
+    the whole global batch and sliced, so N processes draw exactly what one process would."""
     b, _, h, w = latents.shape
     x0 = pack(latents)  # (B, N, C*4)
-    t = sample_timesteps(b, x0.shape[1], objective, sched, generator, latents.device)  # (B,)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    rows, total = (rows, global_batch) if rows is not None else (slice(0, b), b)
+    t = sample_timesteps(total, x0.shape[1], objective, sched, generator, latents.device)[rows]  # (B,)
+    noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[rows]
     per_sample = velocity_errors(model, x0, noise, t, text, mask, (h // 2, w // 2))  # (B,)
     return per_sample.mean(), per_sample, t
 

@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 
 from data.buckets import buckets_for
 from data.shards import BucketBatches, read_manifest
-from kiln.checkpoint import latest_checkpoint, load_trainer_state, load_weights, resolve_checkpoint, save_checkpoint
+from kiln import distributed
+from kiln.checkpoint import (is_sharded_checkpoint, latest_checkpoint, load_sharded_optimizer, load_trainer_state,
+                             load_weights, resolve_checkpoint, save_checkpoint, save_sharded_checkpoint)
 from kiln.flow import drop_captions, flow_matching_loss, loss_by_bucket
 from kiln.models import build_transformer, count_parameters, init_adaln_zero
 from kiln.preemption import Preempted, Preemption
@@ -46,12 +48,17 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 class Trainer:
-    """Everything one rung needs; `step()` is one optimisation step on one bucket-homogeneous batch."""
+    """Everything one rung needs; `step()` is one optimisation step on one bucket-homogeneous batch.
+
+    Under torchrun (kiln.distributed) every process builds the same model, wraps it (DDP, or FSDP2 sharding model
+    and EMA alike) and trains on its rows of each global batch; checkpoints are whole files (one process, DDP,
+    written by rank 0) or sharded (FSDP2), and either kind resumes under any number of processes."""
 
     def __init__(self, cfg, rung_index: int, latents_dir: Path, device: torch.device, rung=None):
         # rung: a RungConfig to train instead of cfg.train.rungs[rung_index] (SFT trains one past the ladder).
         self.cfg, self.rung = cfg, rung or cfg.train.rungs[rung_index]
-        self.device = device
+        self.ranks = distributed.ranks()
+        self.device = device = distributed.device_for(device, self.ranks)
         torch.manual_seed(cfg.seed * 1000 + rung_index)  # model init is part of the run's determinism
         manifest = read_manifest(Path(latents_dir) / "shards")
         if "latents" not in manifest.get("fields", []):
@@ -68,11 +75,19 @@ class Trainer:
         model = build_transformer(cfg.model, self.latent_channels, cfg.text_encoder.dim)
         self.model = (init_adaln_zero(model) if cfg.train.init == "adaln_zero" else model).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.sharded = self.ranks.distributed and cfg.distributed.strategy == "fsdp"
+        if self.sharded:  # EMA sharded like the model, so the per-step lerp is shard against shard
+            distributed.shard(self.ema)
+        # self.model holds the weights (sharded in place by FSDP2); self.forward is what the step calls (DDP wraps).
+        self.forward = distributed.wrap(self.model, cfg.distributed.strategy, device)
         optim = cfg.train.optim
         lr = self.rung.lr or optim.lr
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append((name, p))
+        # The optimizer's parameter order by name: what a whole checkpoint's state indices refer to.
+        self.param_names = [name for name, _ in decay + no_decay]
+        decay, no_decay = [p for _, p in decay], [p for _, p in no_decay]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=lr, betas=tuple(optim.betas), fused=device.type == "cuda",
@@ -92,26 +107,32 @@ class Trainer:
             loader.preload()  # decode once, up front, so the training loop never waits on shard decoding
         for batch in loader.batches_forever():
             self.position = loader.position()
+            if self.ranks.distributed:
+                batch["rows"] = loader.rows
             yield batch
 
     def step(self, batch: dict) -> dict:
         """One AdamW step. Returns tensors (no host sync) for logging."""
-        latents = batch["latents"].to(self.device, non_blocking=True)  # (B, C, h, w)
-        text = batch["text_emb"].to(self.device, non_blocking=True)  # (B, L, D)
-        mask = batch["text_mask"].to(self.device, non_blocking=True)  # (B, L)
+        latents = batch["latents"].to(self.device, non_blocking=True)  # (b, C, h, w): this process's rows
+        text = batch["text_emb"].to(self.device, non_blocking=True)  # (b, L, D)
+        mask = batch["text_mask"].to(self.device, non_blocking=True)  # (b, L)
+        rows = {"rows": batch["rows"], "global_batch": self.rung.batch_size} if "rows" in batch else {}
         text, mask = drop_captions(text, mask, self.null_text, self.null_mask,
-                                   self.cfg.objective.caption_dropout, self.generator)
+                                   self.cfg.objective.caption_dropout, self.generator, **rows)
         with self.autocast:
-            loss, per_sample, t = flow_matching_loss(self.model, latents, text, mask, self.cfg.objective,
-                                                     self.cfg.scheduler, self.generator)
+            loss, per_sample, t = flow_matching_loss(self.forward, latents, text, mask, self.cfg.objective,
+                                                     self.cfg.scheduler, self.generator, **rows)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP all-reduces, FSDP2 reduce-scatters: gradients of the global batch mean
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.optim.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.schedule.step()
         ema_update(self.ema, self.model, self.cfg.train.optim.ema_decay)
         self.step_count += 1
-        return {"loss": loss.detach(), "per_sample": per_sample.detach(), "t": t, "grad_norm": grad_norm}
+        per_sample, t = distributed.gather_rows(per_sample.detach()), distributed.gather_rows(t)  # (B,) global
+        return {"loss": per_sample.mean(), "per_sample": per_sample, "t": t, "grad_norm": grad_norm}
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -124,17 +145,37 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
         }
 
-    def save(self, out_dir: Path) -> Path:
-        return save_checkpoint(out_dir / "checkpoints", self.step_count, self.model, self.ema, self.state(),
-                               meta={"kind": "transformer", "resolution": self.rung.resolution,
-                                     "latent_channels": self.latent_channels},
-                               keep=self.cfg.train.keep_checkpoints)
+    def save(self, out_dir: Path, final: bool = False) -> Path:
+        """Collective under torchrun: FSDP2 writes shards from every rank (a final checkpoint also whole weights),
+        otherwise rank 0 writes whole files while the others wait."""
+        meta = {"kind": "transformer", "resolution": self.rung.resolution, "latent_channels": self.latent_channels}
+        keep, ckpt_dir = self.cfg.train.keep_checkpoints, out_dir / "checkpoints"
+        if self.sharded:
+            state = {k: v for k, v in self.state().items() if k != "optimizer"}
+            return save_sharded_checkpoint(ckpt_dir, self.step_count, self.model, self.ema, self.optimizer, state,
+                                           meta, keep, consolidate=final)
+        if self.ranks.is_main:
+            save_checkpoint(ckpt_dir, self.step_count, self.model, self.ema, self.state(), meta=meta, keep=keep)
+        distributed.barrier()
+        return ckpt_dir / f"step-{self.step_count}"
 
     def resume(self, ckpt: Path) -> None:
         load_weights(ckpt, self.model, "model")
         load_weights(ckpt, self.ema, "ema")
         state = load_trainer_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded_checkpoint(ckpt):
+            load_sharded_optimizer(ckpt, self.model, self.optimizer, state["param_groups"])
+        elif self.sharded:  # a whole optimizer state (indices in self.param_names order) into FSDP2 shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            whole = state["optimizer"]
+            by_name = {"state": {self.param_names[i]: v for i, v in whole["state"].items()},
+                       "param_groups": [{**g, "params": [self.param_names[i] for i in g["params"]]}
+                                        for g in whole["param_groups"]]}
+            set_optimizer_state_dict(self.model, self.optimizer, by_name,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step_count = int(state["step"])
         self.position = {k: int(v) for k, v in state["position"].items()}
@@ -146,6 +187,20 @@ class Trainer:
         ckpt = resolve_checkpoint(previous_stage)
         load_weights(ckpt, self.model, "model")
         load_weights(ckpt, self.ema, "ema")
+
+    def whole_ema(self) -> torch.nn.Module | None:
+        """The EMA model whole, for sampling on rank 0 (collective under FSDP2: gathers the shards); None on other
+        ranks."""
+        if not self.sharded:
+            return self.ema if self.ranks.is_main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.ranks.is_main:
+            return None
+        ema = build_transformer(self.cfg.model, self.latent_channels, self.cfg.text_encoder.dim)
+        ema.load_state_dict(state)
+        return ema.to(self.device).requires_grad_(False).eval()
 
 
 def run(cfg, inputs: dict, out_dir: Path, tracker, rung_index: int = 0) -> StageResult:
@@ -175,7 +230,8 @@ def fit(cfg, trainer: Trainer, inputs: dict, out_dir: Path, tracker, label: str)
     log_every, buckets = cfg.train.log_every, cfg.objective.loss_buckets
     window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "images": 0, "start": time.perf_counter()}
     bucket_sums: dict[int, list[float]] = {}
-    bar = tqdm(total=rung.steps, initial=trainer.step_count, desc=label, unit="step")
+    bar = tqdm(total=rung.steps, initial=trainer.step_count, desc=label, unit="step",
+               disable=not trainer.ranks.is_main)
     batches = trainer.batches()
     last_loss = float("nan")
     with Preemption() as preemption:  # SIGTERM: checkpoint at the end of this step, then stop
@@ -212,12 +268,15 @@ def fit(cfg, trainer: Trainer, inputs: dict, out_dir: Path, tracker, label: str)
             if step % cfg.train.checkpoint_every == 0 and step < rung.steps:
                 trainer.save(out_dir)
             if step % cfg.train.sample_every == 0 or step == rung.steps:
-                log_samples(cfg, trainer.ema, inputs, out_dir, tracker, step, rung.resolution)
-            if preemption.requested and step < rung.steps:
+                ema = trainer.whole_ema()
+                if ema is not None:
+                    log_samples(cfg, ema, inputs, out_dir, tracker, step, rung.resolution)
+            # Every process checkpoints at the same step when any of them was signalled.
+            if distributed.any_rank(preemption.requested, trainer.device) and step < rung.steps:
                 path = trainer.save(out_dir)
                 raise Preempted(f"{label}: stopped by SIGTERM at step {step}; checkpoint {path} (rerun to resume)")
     bar.close()
-    final = trainer.save(out_dir)
+    final = trainer.save(out_dir, final=True)
     tracker.set_tags({"kiln.checkpoint": str(final.resolve())})
     return last_loss
 

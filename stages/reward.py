@@ -6,12 +6,14 @@ different scores make a training pair (best against worst is only one of them). 
 training and validation, so no validation prompt is seen in training. With `reward.data_pairs`, training also gets
 pairs from the rendered training data: a caption's own image against another scene's image, ordered by the verifier
 (a hundred generated prompts are few to learn "does this image show this caption" from; the data has thousands).
-Validation stays on the generated samples only.
+Validation stays on the generated samples only. Checkpoints every reward.checkpoint_every steps and on SIGTERM; a
+rerun resumes from the latest.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from data.shards import iter_samples, pad_and_stack
+from kiln.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
+from kiln.preemption import Preempted, Preemption
 from kiln.stage_io import StageResult, hash_files
 from reward.model import RewardModel, bradley_terry_loss, pairwise_accuracy
 from stages.common import pick_device
@@ -138,18 +142,34 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     torch.manual_seed(cfg.seed)
     model = RewardModel(text.shape[-1], tuple(rcfg.channels), rcfg.hidden).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, weight_decay=0.01)
-    bar = tqdm(range(rcfg.steps), desc="reward model", unit="step")
-    for step in bar:
-        rows = train[torch.randint(len(train), (min(rcfg.batch_size, len(train)),), generator=generator)]
-        r_chosen, r_rejected = model(*batch(rows)).chunk(2)
-        loss = bradley_terry_loss(r_chosen, r_rejected)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == rcfg.steps:
-            accuracy = pairwise_accuracy(r_chosen, r_rejected)
-            tracker.log_metrics({"train/loss": loss.item(), "train/accuracy": accuracy}, step=step + 1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}")
+    ckpt_dir, first_step = out_dir / "checkpoints", 0
+    resume_from = latest_checkpoint(ckpt_dir)
+    if resume_from is not None:  # an interrupted run of this stage: continue it exactly
+        load_weights(resume_from, model)
+        state = load_trainer_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        first_step = int(state["step"])
+        tqdm.write(f"reward: resuming from {resume_from.name}")
+    bar = tqdm(range(first_step, rcfg.steps), desc="reward model", unit="step", initial=first_step, total=rcfg.steps)
+    with Preemption() as preemption:  # SIGTERM: checkpoint after the current step, then stop
+        for step in bar:
+            rows = train[torch.randint(len(train), (min(rcfg.batch_size, len(train)),), generator=generator)]
+            r_chosen, r_rejected = model(*batch(rows)).chunk(2)
+            loss = bradley_terry_loss(r_chosen, r_rejected)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == rcfg.steps:
+                accuracy = pairwise_accuracy(r_chosen, r_rejected)
+                tracker.log_metrics({"train/loss": loss.item(), "train/accuracy": accuracy}, step=done)
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}")
+            if done < rcfg.steps and (done % rcfg.checkpoint_every == 0 or preemption.requested):
+                state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": done}
+                path = save_checkpoint(ckpt_dir, done, model, trainer_state=state, meta={"kind": "reward"})
+                if preemption.requested:
+                    raise Preempted(f"reward: stopped by SIGTERM at step {done}; checkpoint {path} (rerun to resume)")
 
     model.eval()
     with torch.no_grad():
@@ -164,4 +184,5 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out_dir / "reward_model.safetensors"))
     (out_dir / "reward_model.json").write_text(json.dumps(
         {"text_dim": text.shape[-1], "channels": list(rcfg.channels), "hidden": rcfg.hidden}, indent=1))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # done: the model above is the stage's output
     return StageResult("reward", out_dir, metrics, hash_files(out_dir, "reward_model.*"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from data.buckets import buckets_for
 from data.shards import ShardWriter, iter_samples, read_manifest
+from kiln import distributed
 from kiln.config import RungConfig
 from kiln.stage_io import StageResult, hash_files
 from stages.common import pick_device
@@ -78,8 +79,9 @@ def write_subset(cfg, latents_dir: Path, out_dir: Path) -> dict:
 
 def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     out_dir = Path(out_dir)
-    if not (out_dir / "shards" / "manifest.json").exists():  # a resumed stage keeps its subset
+    if distributed.ranks().is_main and not (out_dir / "shards" / "manifest.json").exists():  # a resumed stage keeps its subset
         tracker.log_metrics(write_subset(cfg, Path(inputs["latents"]), out_dir))
+    distributed.barrier()  # under torchrun the other processes read the subset rank 0 wrote
     scfg = cfg.sft
     rung = RungConfig(resolution=cfg.train.rungs[-1].resolution, steps=scfg.steps, batch_size=scfg.batch_size,
                       lr=scfg.lr)

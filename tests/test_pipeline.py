@@ -236,3 +236,21 @@ def test_compare_prints_the_stage_table_and_writes_a_grid(smoke_run, tmp_path):
     assert Image.open(tmp_path / "grid.png").size[1] == 10 * 96  # one row per run and evaluated stage
     with pytest.raises(ValueError, match="no finished pipeline run named 'nope'"):
         compare(["nope"], experiment="kiln-e2e")
+
+
+def test_rerun_moves_the_old_output_aside_and_trains_on_two_processes(smoke_run, prefect_harness):
+    """A rerun of a finished training stage starts afresh (its old output moved to .superseded, not resumed from
+    its final checkpoint), here as 2 torchrun processes (gloo) under the flow, with rank 0 alone logging to MLflow."""
+    from flows.pipeline import pipeline
+
+    root, _, overrides = smoke_run
+    old_manifest = json.loads((root / "e2e" / "sft" / "manifest.json").read_text())
+    pipeline(preset="smoke", overrides=[*overrides, "distributed.nproc_per_node=2"], run_name="e2e", only=["sft"])
+    moved = list((root / "e2e" / ".superseded").glob("sft-*"))
+    assert len(moved) == 1 and json.loads((moved[0] / "manifest.json").read_text()) == old_manifest
+    sft = root / "e2e" / "sft"
+    assert json.loads((sft / "launch.json").read_text())["config"]["distributed"]["nproc_per_node"] == 2
+    manifest = json.loads((sft / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 3 and manifest["mlflow_run_id"] != old_manifest["mlflow_run_id"]
+    history = MlflowClient().get_metric_history(manifest["mlflow_run_id"], "train/loss")
+    assert sorted(m.step for m in history) == [2, 3]  # smoke: log_every 2, 3 steps; one entry each (rank 0)

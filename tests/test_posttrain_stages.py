@@ -289,3 +289,36 @@ def test_grpo_prompts_cycle_through_the_configured_kinds():
         assert spec.kind == kind and (spec.colour, spec.shape) not in held_out
     with pytest.raises(Exception, match="prompt_kinds"):
         load_config("tiny", ["grpo.prompt_kinds=[squares]"])
+
+
+def test_reward_stage_checkpoints_on_sigterm_and_resumes_identically(labelled_pairs, pretrained, tmp_path,
+                                                                     monkeypatch):
+    import os
+    import signal
+
+    from kiln.preemption import Preempted
+    from stages import reward
+
+    _, latents = pretrained
+    cfg = _cfg("reward.steps=5", "reward.checkpoint_every=100")
+    inputs = {"pairs": labelled_pairs, "vae": latents / "vae"}
+    reward.run(cfg, inputs, tmp_path / "straight", Tracker(None))
+    calls = []
+    original = reward.bradley_terry_loss
+
+    def preempted_at_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args)
+
+    monkeypatch.setattr(reward, "bradley_terry_loss", preempted_at_third)
+    with pytest.raises(Preempted, match="reward: stopped by SIGTERM at step 3"):
+        reward.run(cfg, inputs, tmp_path / "preempted", Tracker(None))
+    assert latest_checkpoint(tmp_path / "preempted" / "checkpoints").name == "step-3"
+    monkeypatch.undo()
+    reward.run(cfg, inputs, tmp_path / "preempted", Tracker(None))
+    a = load_file(str(tmp_path / "straight" / "reward_model.safetensors"))
+    b = load_file(str(tmp_path / "preempted" / "reward_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "preempted" / "checkpoints").exists()  # finished: only the model is the output

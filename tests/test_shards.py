@@ -285,10 +285,15 @@ def test_preload_reads_every_shard_up_front_and_changes_no_batch(shard_dir, monk
         BucketBatches(shard_dir, 2, seed=0).preload()
 
 
-def test_distributed_ranks_get_disjoint_batches(shard_dir):
-    ranks = [keys(BucketBatches(shard_dir, 2, seed=0, rank=r, world_size=2)) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 6
-    assert not set(ranks[0]) & set(ranks[1])
+def test_distributed_ranks_split_every_global_batch(shard_dir):
+    whole = list(BucketBatches(shard_dir, 4, seed=0))
+    ranks = [list(BucketBatches(shard_dir, 4, seed=0, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(whole) > 1
+    for one, first, second in zip(whole, *ranks):
+        assert first["key"] + second["key"] == one["key"]  # rank 0 the first half, rank 1 the second
+        assert torch.equal(torch.cat([first["latents"], second["latents"]]), one["latents"])
+    with pytest.raises(ValueError, match="must split evenly over 2 processes"):
+        BucketBatches(shard_dir, 3, seed=0, rank=0, world_size=2)
 
 
 # ----------------------------------------------------------------------------- errors

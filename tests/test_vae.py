@@ -44,3 +44,38 @@ def test_video_input_falls_back_to_the_causal_forward():
     x = torch.randn(1, 3, 5, 16, 16)  # five frames: the causal cache path
     with torch.no_grad():
         torch.testing.assert_close(fast.encode(x).latent_dist.mode(), ref.encode(x).latent_dist.mode())
+
+
+def test_vae_stage_checkpoints_on_sigterm_and_resumes_identically(smoke_latents, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import pytest
+    from safetensors.torch import load_file
+
+    from kiln.checkpoint import list_checkpoints
+    from kiln.preemption import Preempted
+    from kiln.tracking import Tracker
+    from stages import vae
+
+    cfg = load_config("smoke", ["vae.train.steps=6", "vae.train.checkpoint_every=4"])
+    inputs = {"data": smoke_latents / "data"}
+    vae.run(cfg, inputs, tmp_path / "straight", Tracker(None))
+    assert [p.name for p in list_checkpoints(tmp_path / "straight" / "checkpoints")] == ["step-6"]
+    calls = []
+    original = vae._train_step
+
+    def preempted_at_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args)
+
+    monkeypatch.setattr(vae, "_train_step", preempted_at_second)
+    with pytest.raises(Preempted, match="vae: stopped by SIGTERM at step 2"):
+        vae.run(cfg, inputs, tmp_path / "preempted", Tracker(None))
+    monkeypatch.undo()
+    vae.run(cfg, inputs, tmp_path / "preempted", Tracker(None))  # resumes at step 2, checkpoints at 4, ends at 6
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-6" / "model.safetensors"))
+    b = load_file(str(tmp_path / "preempted" / "checkpoints" / "step-6" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

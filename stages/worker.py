@@ -1,0 +1,93 @@
+"""Multi-process training stages: `launch()` runs a stage under torchrun and returns what rank 0 produced.
+
+The stage task calls `launch()` when the config asks for more than one process (distributed.nproc_per_node x
+nnodes) and the stage trains with the pretrain trainer (DATA_PARALLEL_KINDS). It writes the stage's spec (kind,
+config, inputs, output folder, MLflow run id, rung) to OUT/launch.json and runs
+
+    torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m stages.worker OUT/launch.json
+
+Each process joins the process group, runs the stage's plain `run()`; rank 0 alone logs to the MLflow run and
+writes OUT/result.json. On several nodes every node runs that same command (see the README, "Multi-GPU and
+multi-node"). A process that fails writes OUT/.error-rank-R.json so the task re-raises the same kind of error
+(NaN loss, bad input and pre-emption are not retried).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from kiln import distributed
+from kiln.preemption import Preempted
+from kiln.stage_io import StageResult
+
+DATA_PARALLEL_KINDS = ("pretrain", "sft")
+# Errors a failed process reports that the task raises again as themselves (the rest become RuntimeError).
+REPORTED_ERRORS = {e.__name__: e for e in (ValueError, FloatingPointError, FileNotFoundError, KeyError, TypeError,
+                                       Preempted)}
+
+
+def launch(kind: str, cfg, inputs: dict, out_dir: Path, run_id: str | None, rung_index: int | None) -> StageResult:
+    out_dir = Path(out_dir)
+    spec = out_dir / "launch.json"
+    spec.write_text(json.dumps({"kind": kind, "config": cfg.model_dump(mode="json"), "out_dir": str(out_dir),
+                                "inputs": {k: str(v) if v is not None else None for k, v in inputs.items()},
+                                "run_id": run_id, "rung_index": rung_index}, indent=1))
+    for stale in [out_dir / "result.json", *out_dir.glob(".error-rank-*.json")]:
+        stale.unlink(missing_ok=True)
+    command = distributed.torchrun_command(cfg.distributed, "stages.worker", [str(spec)])
+    process = subprocess.Popen(command)
+    # SIGTERM to this task goes on to torchrun, which passes it to every process: they checkpoint and stop.
+    previous = signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM)) \
+        if _in_main_thread() else None
+    try:
+        code = process.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code != 0:
+        errors = [json.loads(f.read_text()) for f in sorted(out_dir.glob(".error-rank-*.json"))]
+        # The cause, not its echo: a NaN on rank 0 shows up on rank 1 as a broken connection.
+        errors.sort(key=lambda e: e["type"] not in REPORTED_ERRORS)
+        if errors:
+            raise REPORTED_ERRORS.get(errors[0]["type"], RuntimeError)(errors[0]["message"])
+        raise RuntimeError(f"{kind}: torchrun exited with code {code} (the processes' output is above)")
+    result = json.loads((out_dir / "result.json").read_text())
+    return StageResult(result["stage"], out_dir, result["metrics"], result["content_hash"])
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main(spec_path: str) -> None:
+    import importlib
+
+    from kiln.config import config_from_dict
+    from kiln.tracking import Tracker
+
+    spec = json.loads(Path(spec_path).read_text())
+    ranks = distributed.init()
+    out_dir = Path(spec["out_dir"])
+    try:
+        cfg = config_from_dict(spec["config"])
+        tracker = Tracker(spec["run_id"]) if ranks.is_main else Tracker(None)
+        extra = {"rung_index": spec["rung_index"]} if spec["rung_index"] is not None else {}
+        result = importlib.import_module(f"stages.{spec['kind']}").run(cfg, spec["inputs"], out_dir, tracker, **extra)
+    except BaseException as exc:
+        (out_dir / f".error-rank-{ranks.rank}.json").write_text(
+            json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+        raise
+    if ranks.is_main:
+        (out_dir / "result.json").write_text(json.dumps(
+            {"stage": result.stage, "metrics": result.metrics, "content_hash": result.content_hash}, indent=1))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

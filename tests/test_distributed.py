@@ -1,0 +1,106 @@
+"""Data-parallel training on CPU (gloo): a pretrain stage launched with torchrun on 2 processes follows the same loss
+trajectory as 1 process with the same global batch, only rank 0 logs to MLflow, and a 2-process FSDP2 (sharded)
+checkpoint resumes in a 1-process run."""
+
+import shutil
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from kiln.checkpoint import list_checkpoints
+from kiln.config import load_config
+from kiln.tracking import Tracker
+from stages import pretrain
+from stages.worker import launch
+
+STEPS = 6
+OVERRIDES = [f"train.rungs.0.steps={STEPS}", "train.checkpoint_every=4", "train.sample_every=100",
+             "train.log_every=1", "train.keep_checkpoints=5", "device=cpu"]
+
+
+def _config(*extra):
+    return load_config("smoke", [*OVERRIDES, *extra])
+
+
+def _new_run(name):
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("kiln-distributed-test") or client.get_experiment(
+        client.create_experiment("kiln-distributed-test"))
+    return client.create_run(experiment.experiment_id, run_name=name).info.run_id
+
+
+def _losses(run_id):
+    history = MlflowClient().get_metric_history(run_id, "train/loss")
+    return [m.value for m in sorted(history, key=lambda m: m.step)], [m.step for m in history]
+
+
+def _inputs(root):
+    return {"latents": str(root / "latents"), "vae": str(root / "vae")}
+
+
+def _assert_close_weights(a_ckpt, b_ckpt, atol=2e-5):
+    for which in ("model", "ema"):
+        a = load_file(str(a_ckpt / f"{which}.safetensors"))
+        b = load_file(str(b_ckpt / f"{which}.safetensors"))
+        assert a.keys() == b.keys()
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst < atol, f"{which}: largest difference {worst}"
+
+
+@pytest.fixture(scope="module")
+def one_process(smoke_latents, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "pretrain"
+    out.mkdir()
+    run_id = _new_run("one")
+    pretrain.run(_config(), _inputs(smoke_latents), out, Tracker(run_id), rung_index=0)
+    return out, _losses(run_id)[0]
+
+
+def _two_processes(smoke_latents, out, strategy):
+    out.mkdir(parents=True)
+    cfg = _config("distributed.nproc_per_node=2", f"distributed.strategy={strategy}")
+    run_id = _new_run(strategy)
+    result = launch("pretrain", cfg, _inputs(smoke_latents), out, run_id, rung_index=0)
+    assert result.metrics["steps"] == STEPS
+    losses, steps = _losses(run_id)
+    assert steps == sorted(set(steps)) and len(steps) == STEPS  # one entry a step: rank 0 alone logs
+    return losses
+
+
+def test_ddp_two_processes_follow_one_process(one_process, smoke_latents, tmp_path):
+    one_dir, one_losses = one_process
+    losses = _two_processes(smoke_latents, tmp_path / "ddp", "ddp")
+    assert losses == pytest.approx(one_losses, rel=1e-4)
+    assert len(set(one_losses)) > 1  # the loss moved: a trajectory, not one value
+    _assert_close_weights(one_dir / "checkpoints" / f"step-{STEPS}", tmp_path / "ddp" / "checkpoints" / f"step-{STEPS}")
+
+
+def test_fsdp_sharded_checkpoint_resumes_in_one_process(one_process, smoke_latents, tmp_path):
+    one_dir, one_losses = one_process
+    fsdp = tmp_path / "fsdp"
+    losses = _two_processes(smoke_latents, fsdp, "fsdp")
+    assert losses == pytest.approx(one_losses, rel=1e-4)
+    middle, final = list_checkpoints(fsdp / "checkpoints")
+    # Mid-run checkpoints are shards only (safetensors, one file per rank); the final one also holds whole weights.
+    assert len(list((middle / "model").glob("*.safetensors"))) == 2 and not (middle / "model.safetensors").exists()
+    assert (final / "model.safetensors").exists()
+    _assert_close_weights(one_dir / "checkpoints" / f"step-{STEPS}", final)
+
+    # Lose the last checkpoint: one process resumes from the 2-process shards of step 4 and ends where 1 process did.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp, resumed)
+    shutil.rmtree(resumed / "checkpoints" / final.name)
+    pretrain.run(_config(), _inputs(smoke_latents), resumed, Tracker(None), rung_index=0)
+    _assert_close_weights(one_dir / "checkpoints" / f"step-{STEPS}", resumed / "checkpoints" / f"step-{STEPS}")
+    state = torch.load(resumed / "checkpoints" / f"step-{STEPS}" / "trainer.pt", weights_only=True)
+    assert state["step"] == STEPS
+
+
+def test_a_failing_process_fails_the_stage_with_its_own_error(tmp_path):
+    out = tmp_path / "broken"
+    out.mkdir()
+    inputs = {"latents": str(tmp_path / "no-latents"), "vae": str(tmp_path / "no-vae")}
+    with pytest.raises(FileNotFoundError, match="no-latents"):  # not retried by Prefect (a permanent error)
+        launch("pretrain", _config("distributed.nproc_per_node=2"), inputs, out, None, rung_index=0)
