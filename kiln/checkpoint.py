@@ -107,11 +107,12 @@ def save_sharded_checkpoint(ckpt_dir: Path, step: int, model, ema, optimizer, tr
     optim_state = get_optimizer_state_dict(model, optimizer)  # {"state": {fqn: {name: tensor}}, "param_groups": [...]}
     flat_optim = {f"{fqn}.{name}": value for fqn, entries in optim_state["state"].items()
                   for name, value in entries.items()}
-    for name, state in (("model", model.state_dict()), ("ema", ema.state_dict()), ("optimizer", flat_optim)):
+    modules = [("model", model)] + ([("ema", ema)] if ema is not None else [])
+    for name, state in [*((n, m.state_dict()) for n, m in modules), ("optimizer", flat_optim)]:
         dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / name), save_distributed=True))
     if consolidate:
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        for name, module in (("model", model), ("ema", ema)):
+        for name, module in modules:
             state = get_model_state_dict(module, options=whole)  # gathered on rank 0, empty elsewhere
             if main:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"{name}.safetensors"))
@@ -169,3 +170,43 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest_checkpoint(path):
         return latest_checkpoint(path)
     raise FileNotFoundError(f"checkpoint: no model.safetensors under {path} (expected a stage output or checkpoint folder)")
+
+
+def save_training_state(ckpt_dir: Path, step: int, model, ema, optimizer, state: dict, meta: dict, keep: int,
+                        sharded: bool, final: bool = False) -> Path:
+    """A trainer's checkpoint, collective under torchrun: sharded (FSDP2, every rank; a final one also whole
+    weights), else whole files from rank 0 while the others wait. `state` holds the trainer's own non-tensor state
+    (schedule, step, RNG, data position); the optimizer goes in here."""
+    from kiln.distributed import barrier, ranks
+
+    ckpt_dir = Path(ckpt_dir)
+    if sharded:
+        return save_sharded_checkpoint(ckpt_dir, step, model, ema, optimizer, state, meta, keep, consolidate=final)
+    if ranks().is_main:
+        save_checkpoint(ckpt_dir, step, model, ema, {**state, "optimizer": optimizer.state_dict()}, meta=meta,
+                        keep=keep)
+    barrier()
+    return ckpt_dir / f"step-{step}"
+
+
+def load_training_state(ckpt: Path, model, ema, optimizer, param_names: list[str], sharded: bool) -> dict:
+    """Weights (model, and EMA when given) and optimizer state from a whole or a sharded checkpoint into a model
+    that is whole or sharded, under any number of processes. param_names: the optimizer's parameters in order (what
+    a whole checkpoint's state indices refer to). Returns the trainer state (trainer.pt)."""
+    load_weights(ckpt, model, "model")
+    if ema is not None:
+        load_weights(ckpt, ema, "ema")
+    state = load_trainer_state(ckpt)
+    if is_sharded_checkpoint(ckpt):
+        load_sharded_optimizer(ckpt, model, optimizer, state["param_groups"])
+    elif sharded:  # whole optimizer state into FSDP2 shards: index -> parameter name, then DCP's loader
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        whole = state["optimizer"]
+        by_name = {"state": {param_names[i]: v for i, v in whole["state"].items()},
+                   "param_groups": [{**g, "params": [param_names[i] for i in g["params"]]}
+                                    for g in whole["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    return state

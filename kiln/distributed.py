@@ -112,6 +112,27 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def average_gradients(model: torch.nn.Module) -> None:
+    """Data parallelism by hand for loops DDP's reducer cannot follow (several forwards and backwards per
+    optimizer step, as in Diffusion-DPO and GRPO): all-reduce the accumulated gradients once, before the step."""
+    if not ranks().distributed:
+        return
+    world = dist.get_world_size()
+    for param in model.parameters():
+        if param.grad is not None:  # None on every rank alike (the same graph everywhere)
+            dist.all_reduce(param.grad)
+            param.grad /= world
+
+
+def mean_across(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a per-process value over all processes (for logging and for decisions all ranks must share)."""
+    if not ranks().distributed:
+        return value.detach()
+    value = value.detach().clone().float()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
 def barrier() -> None:
     if ranks().distributed:
         dist.barrier()

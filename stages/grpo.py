@@ -6,6 +6,10 @@ score them with the reward (the verifier, the learned reward model, or a weighte
 each prompt's group; then re-evaluate the log-probs of a random subset of the denoising steps under the current
 policy and minimise the PPO-clipped surrogate plus beta * KL to the reference (kiln/grpo.py), one optimizer step
 per sampled batch and pass. Only training compositions are ever sampled: held-out ones stay for evaluation.
+
+Under torchrun each of N processes samples and scores the groups of prompts_per_step / N prompts (a group never
+spans processes, so advantages stay per group) with its own noise stream, seeded per step and rank so a resumed
+run draws the same; gradients are averaged (or reduce-scattered under FSDP2) before each optimizer step.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kiln import distributed
 from kiln.checkpoint import resolve_checkpoint
 from kiln.flow import unpack
 from kiln.generate import initial_noise, to_pil
@@ -72,12 +77,15 @@ def make_reward(cfg, reward_dir: Path | None, device):
 
 def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     out_dir = Path(out_dir)
-    device = pick_device(cfg.device)
     gcfg = cfg.grpo
     init = Path(inputs["init"])
     resolution = json.loads((resolve_checkpoint(init) / "meta.json").read_text()).get(
         "resolution", cfg.train.rungs[-1].resolution)
-    policy = Policy(cfg, init, device, gcfg.learning_rate)
+    policy = Policy(cfg, init, pick_device(cfg.device), gcfg.learning_rate)
+    device, ranks = policy.device, policy.ranks
+    if gcfg.prompts_per_step % ranks.world_size:
+        raise ValueError(f"grpo: prompts_per_step {gcfg.prompts_per_step} does not split over {ranks.world_size} "
+                         f"processes")
     generator = torch.Generator(device=device).manual_seed(gcfg.seed)
     if policy.resume(out_dir, generator):
         tqdm.write(f"grpo: resuming at step {policy.step_count}")
@@ -94,12 +102,16 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     n_train = max(1, round(gcfg.timestep_fraction * steps))
     group = gcfg.num_generations
 
-    bar = tqdm(total=gcfg.max_steps, initial=policy.step_count, desc="grpo", unit="step")
+    bar = tqdm(total=gcfg.max_steps, initial=policy.step_count, desc="grpo", unit="step", disable=not ranks.is_main)
     with Preemption() as preemption:  # SIGTERM: checkpoint at the end of this step, then stop
         while policy.step_count < gcfg.max_steps:
             step_rng = random.Random(gcfg.seed * 100003 + policy.step_count)  # the prompts of this step, resumable
             prompts = [c for _, c in training_captions(cfg, gcfg.prompts_per_step, step_rng.randrange(2**31),
                                                           gcfg.prompt_kinds)]
+            if ranks.distributed:  # this process's prompts, and its own noise stream for this step
+                share = gcfg.prompts_per_step // ranks.world_size
+                prompts = prompts[ranks.rank * share:(ranks.rank + 1) * share]
+                generator.manual_seed(gcfg.seed * 1000003 + policy.step_count * 1009 + ranks.rank)
             captions = [c for c in prompts for _ in range(group)]  # TRL's layout: each prompt G times in a row
             text, mask = encoder(captions)  # (B, L, D), (B, L)
             null_b, null_mask_b = null_text.expand(len(captions), -1, -1), null_mask.expand(len(captions), -1)
@@ -138,23 +150,26 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                     (loss / n_train).backward()
                     for key, value in {"loss": loss.detach(), **stats}.items():
                         sums[key] = sums.get(key, 0.0) + float(value) / (n_train * gcfg.num_iterations)
+                sums = {k: distributed.mean_across(torch.tensor(v, device=device)).item() for k, v in sums.items()}
                 if not math.isfinite(sums["loss"]):
                     raise FloatingPointError(f"grpo: loss is {sums['loss']} at step {policy.step_count}")
                 grad_norm = policy.optimizer_step(gcfg.max_grad_norm)
             bar.update(1)
             metrics = {f"train/{k}": v for k, v in sums.items()}
+            rewards = distributed.gather_rows(rewards.to(device))  # (P * G,) over all processes
             metrics.update({"train/reward": rewards.mean().item(), "train/reward_std": rewards.std().item(),
                             "train/grad_norm": float(grad_norm),
-                            **{f"train/reward_{name}": value.mean().item() for name, value in parts.items()}})
+                            **{f"train/reward_{name}": distributed.gather_rows(value.to(device)).mean().item()
+                               for name, value in parts.items()}})
             tracker.log_metrics(metrics, step=policy.step_count)
             bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", kl=f"{metrics.get('train/kl', 0.0):.2e}")
             if policy.step_count % cfg.train.checkpoint_every == 0 and policy.step_count < gcfg.max_steps:
                 policy.save(out_dir, resolution, generator)
-            if preemption.requested and policy.step_count < gcfg.max_steps:
+            if distributed.any_rank(preemption.requested, device) and policy.step_count < gcfg.max_steps:
                 path = policy.save(out_dir, resolution, generator)
                 raise Preempted(f"grpo: stopped by SIGTERM at step {policy.step_count}; checkpoint {path} "
                                 f"(rerun to resume)")
     bar.close()
-    final = policy.save(out_dir, resolution, generator)
+    final = policy.save(out_dir, resolution, generator, final=True)
     tracker.set_tags({"kiln.checkpoint": str(final.resolve())})
     return StageResult("grpo", out_dir, {"steps": policy.step_count}, hash_files(out_dir / "checkpoints"))

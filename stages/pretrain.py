@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from data.buckets import buckets_for
 from data.shards import BucketBatches, read_manifest
 from kiln import distributed
-from kiln.checkpoint import (is_sharded_checkpoint, latest_checkpoint, load_sharded_optimizer, load_trainer_state,
-                             load_weights, resolve_checkpoint, save_checkpoint, save_sharded_checkpoint)
+from kiln.checkpoint import (latest_checkpoint, load_training_state, load_weights, resolve_checkpoint,
+                             save_training_state)
 from kiln.flow import drop_captions, flow_matching_loss, loss_by_bucket
 from kiln.models import build_transformer, count_parameters, init_adaln_zero
 from kiln.preemption import Preempted, Preemption
@@ -136,8 +136,8 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def state(self) -> dict:
+        """Everything but weights and optimizer needed to continue exactly."""
         return {
-            "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "step": self.step_count,
             "position": self.position,
@@ -146,36 +146,13 @@ class Trainer:
         }
 
     def save(self, out_dir: Path, final: bool = False) -> Path:
-        """Collective under torchrun: FSDP2 writes shards from every rank (a final checkpoint also whole weights),
-        otherwise rank 0 writes whole files while the others wait."""
+        """Collective under torchrun (see kiln.checkpoint.save_training_state)."""
         meta = {"kind": "transformer", "resolution": self.rung.resolution, "latent_channels": self.latent_channels}
-        keep, ckpt_dir = self.cfg.train.keep_checkpoints, out_dir / "checkpoints"
-        if self.sharded:
-            state = {k: v for k, v in self.state().items() if k != "optimizer"}
-            return save_sharded_checkpoint(ckpt_dir, self.step_count, self.model, self.ema, self.optimizer, state,
-                                           meta, keep, consolidate=final)
-        if self.ranks.is_main:
-            save_checkpoint(ckpt_dir, self.step_count, self.model, self.ema, self.state(), meta=meta, keep=keep)
-        distributed.barrier()
-        return ckpt_dir / f"step-{self.step_count}"
+        return save_training_state(out_dir / "checkpoints", self.step_count, self.model, self.ema, self.optimizer,
+                                   self.state(), meta, self.cfg.train.keep_checkpoints, self.sharded, final)
 
     def resume(self, ckpt: Path) -> None:
-        load_weights(ckpt, self.model, "model")
-        load_weights(ckpt, self.ema, "ema")
-        state = load_trainer_state(ckpt)
-        if is_sharded_checkpoint(ckpt):
-            load_sharded_optimizer(ckpt, self.model, self.optimizer, state["param_groups"])
-        elif self.sharded:  # a whole optimizer state (indices in self.param_names order) into FSDP2 shards
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            whole = state["optimizer"]
-            by_name = {"state": {self.param_names[i]: v for i, v in whole["state"].items()},
-                       "param_groups": [{**g, "params": [self.param_names[i] for i in g["params"]]}
-                                        for g in whole["param_groups"]]}
-            set_optimizer_state_dict(self.model, self.optimizer, by_name,
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        state = load_training_state(ckpt, self.model, self.ema, self.optimizer, self.param_names, self.sharded)
         self.schedule.load_state_dict(state["schedule"])
         self.step_count = int(state["step"])
         self.position = {k: int(v) for k, v in state["position"].items()}

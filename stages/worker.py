@@ -1,7 +1,7 @@
 """Multi-process training stages: `launch()` runs a stage under torchrun and returns what rank 0 produced.
 
 The stage task calls `launch()` when the config asks for more than one process (distributed.nproc_per_node x
-nnodes) and the stage trains with the pretrain trainer (DATA_PARALLEL_KINDS). It writes the stage's spec (kind,
+nnodes) and the stage trains the generator (DATA_PARALLEL_KINDS: the pretrain trainer's rungs and sft, DPO, GRPO). It writes the stage's spec (kind,
 config, inputs, output folder, MLflow run id, rung) to OUT/launch.json and runs
 
     torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m stages.worker OUT/launch.json
@@ -24,7 +24,7 @@ from kiln import distributed
 from kiln.preemption import Preempted
 from kiln.stage_io import StageResult
 
-DATA_PARALLEL_KINDS = ("pretrain", "sft")
+DATA_PARALLEL_KINDS = ("pretrain", "sft", "dpo", "grpo")
 # Errors a failed process reports that the task raises again as themselves (the rest become RuntimeError).
 REPORTED_ERRORS = {e.__name__: e for e in (ValueError, FloatingPointError, FileNotFoundError, KeyError, TypeError,
                                        Preempted)}

@@ -322,3 +322,64 @@ def test_reward_stage_checkpoints_on_sigterm_and_resumes_identically(labelled_pa
     b = load_file(str(tmp_path / "preempted" / "reward_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "preempted" / "checkpoints").exists()  # finished: only the model is the output
+
+
+def _metric_history(run_id, key):
+    from mlflow import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def _new_mlflow_run(name):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("kiln-posttrain-dp") or client.get_experiment(
+        client.create_experiment("kiln-posttrain-dp"))
+    return client.create_run(experiment.experiment_id, run_name=name).info.run_id
+
+
+def test_dpo_on_two_processes_follows_one_process(labelled_pairs, pretrained, tmp_path):
+    from stages.worker import launch
+
+    root, latents = pretrained
+    inputs = {"pairs": labelled_pairs, "init": root / "pretrain", "vae": latents / "vae"}
+    sets = ["dpo.max_steps=4", "train.log_every=1", "train.checkpoint_every=100"]
+    one_run, two_run = _new_mlflow_run("one"), _new_mlflow_run("two")
+    dpo.run(_cfg(*sets, "dpo.per_device_train_batch_size=4"), inputs, tmp_path / "one", Tracker(one_run))
+    (tmp_path / "two").mkdir()
+    launch("dpo", _cfg(*sets, "dpo.per_device_train_batch_size=2", "distributed.nproc_per_node=2"), inputs,
+           tmp_path / "two", two_run, None)  # the same global batch of 4 pairs, 2 per process
+    one, two = _metric_history(one_run, "train/loss"), _metric_history(two_run, "train/loss")
+    assert [s for s, _ in two] == [1, 2, 3, 4]  # rank 0 alone logs
+    assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=1e-4, abs=1e-6)
+    a = load_file(str(tmp_path / "one" / "checkpoints" / "step-4" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / "step-4" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-5
+
+
+def test_grpo_on_two_fsdp_processes_resumes_exactly_and_in_one_process(labelled_pairs, pretrained, tmp_path):
+    import shutil
+
+    from stages.worker import launch
+
+    root, latents = pretrained
+    inputs = {"init": root / "pretrain", "vae": latents / "vae"}
+    cfg = _cfg("grpo.max_steps=2", "grpo.reward=verifier", "train.checkpoint_every=1", "train.keep_checkpoints=5",
+               "distributed.nproc_per_node=2", "distributed.strategy=fsdp")
+    run_id = _new_mlflow_run("grpo-fsdp")
+    (tmp_path / "straight").mkdir()
+    launch("grpo", cfg, inputs, tmp_path / "straight", run_id, None)
+    assert [s for s, _ in _metric_history(run_id, "train/reward")] == [1, 2]
+    assert (tmp_path / "straight" / "checkpoints" / "step-1" / "optimizer").is_dir()  # sharded
+    for resumed, processes in (("two", 2), ("one", 1)):
+        shutil.copytree(tmp_path / "straight", tmp_path / resumed)
+        shutil.rmtree(tmp_path / resumed / "checkpoints" / "step-2")
+        if processes == 2:  # resumes from the sharded step 1 and draws what the straight run drew
+            launch("grpo", cfg, inputs, tmp_path / resumed, None, None)
+        else:  # the same shards into one process
+            grpo.run(_cfg("grpo.max_steps=2", "grpo.reward=verifier"), inputs, tmp_path / resumed, Tracker(None))
+        assert (tmp_path / resumed / "checkpoints" / "step-2" / "model.safetensors").exists()
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-2" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / "step-2" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
