@@ -96,6 +96,7 @@ class Trainer:
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rung_index)
         self.null_text, self.null_mask = load_uncond(self.latents_dir / "uncond.safetensors", device)
         self.step_count = 0
+        self.images_per_s = float("nan")  # steady-state training throughput, set by fit()
         self.position = {"epoch": 0, "batch": 0}
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                                        enabled=device.type == "cuda" and cfg.train.precision == "bf16")
@@ -184,7 +185,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker, rung_index: int = 0) -> Stage
     out_dir = Path(out_dir)
     trainer = Trainer(cfg, rung_index, Path(inputs["latents"]), pick_device(cfg.device))
     last_loss = fit(cfg, trainer, inputs, out_dir, tracker, f"pretrain {trainer.rung.resolution}px")
-    metrics = {"final_loss": last_loss, "steps": trainer.step_count}
+    metrics = {"final_loss": last_loss, "steps": trainer.step_count, "images_per_s": trainer.images_per_s}
     return StageResult(f"pretrain-{trainer.rung.resolution}", out_dir, metrics, hash_files(out_dir / "checkpoints"))
 
 
@@ -206,6 +207,8 @@ def fit(cfg, trainer: Trainer, inputs: dict, out_dir: Path, tracker, label: str)
 
     log_every, buckets = cfg.train.log_every, cfg.objective.loss_buckets
     window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "images": 0, "start": time.perf_counter()}
+    # Steady-state throughput: images between the first and the last log point (start-up and the samples left out).
+    images_seen, log_points = 0, []
     bucket_sums: dict[int, list[float]] = {}
     bar = tqdm(total=rung.steps, initial=trainer.step_count, desc=label, unit="step",
                disable=not trainer.ranks.is_main)
@@ -219,6 +222,7 @@ def fit(cfg, trainer: Trainer, inputs: dict, out_dir: Path, tracker, label: str)
             window["grad_norm"] += float(out["grad_norm"])
             window["n"] += 1
             window["images"] += out["t"].shape[0]
+            images_seen += out["t"].shape[0]
             for i, (total, count) in loss_by_bucket(out["per_sample"], out["t"], buckets).items():
                 acc = bucket_sums.setdefault(i, [0.0, 0])
                 acc[0] += total
@@ -229,6 +233,7 @@ def fit(cfg, trainer: Trainer, inputs: dict, out_dir: Path, tracker, label: str)
             step = trainer.step_count
             bar.update(1)
             if step % log_every == 0 or step == rung.steps:
+                log_points.append((time.perf_counter(), images_seen))
                 elapsed = time.perf_counter() - window["start"]
                 last_loss = window["loss"] / window["n"]
                 metrics = {
@@ -253,6 +258,9 @@ def fit(cfg, trainer: Trainer, inputs: dict, out_dir: Path, tracker, label: str)
                 path = trainer.save(out_dir)
                 raise Preempted(f"{label}: stopped by SIGTERM at step {step}; checkpoint {path} (rerun to resume)")
     bar.close()
+    if len(log_points) > 1:
+        (t0, n0), (t1, n1) = log_points[0], log_points[-1]
+        trainer.images_per_s = (n1 - n0) / (t1 - t0)
     final = trainer.save(out_dir, final=True)
     tracker.set_tags({"kiln.checkpoint": str(final.resolve())})
     return last_loss
