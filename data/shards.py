@@ -176,7 +176,7 @@ class ShardWriter:
         bucket: Bucket,
         key: str,
         caption: str,
-        image: Image.Image | None = None,
+        image: Image.Image | bytes | None = None,
         tensors: dict[str, np.ndarray | torch.Tensor] | None = None,
         meta: dict | None = None,
     ) -> None:
@@ -195,10 +195,11 @@ class ShardWriter:
             "caption.txt": caption.encode("utf-8"),
             "meta.json": json.dumps(meta or {}, sort_keys=True).encode("utf-8"),
         }
-        if image is not None:
-            if tuple(image.size) != bucket:
-                raise ValueError(f"sample {key!r}: image size {image.size} does not match bucket {bucket}")
-            sample["image.png"] = _png_bytes(image)
+        if image is not None:  # a PIL image, or one already PNG-encoded (curation encodes in its workers)
+            size = Image.open(io.BytesIO(image)).size if isinstance(image, bytes) else image.size
+            if tuple(size) != bucket:
+                raise ValueError(f"sample {key!r}: image size {size} does not match bucket {bucket}")
+            sample["image.png"] = image if isinstance(image, bytes) else _png_bytes(image)
         for name, value in tensors.items():
             if name in _RESERVED_FIELDS or not _NAME_PATTERN.match(name):
                 raise ValueError(f"sample {key!r}: bad tensor name {name!r}")
@@ -383,7 +384,9 @@ def _decode(raw: dict, shard: _ShardInfo, load_images: bool) -> dict:
     try:
         sample = {"key": key, "bucket": shard.bucket, "caption": raw["caption.txt"].decode("utf-8")}
         sample["meta"] = json.loads(raw["meta.json"]) if "meta.json" in raw else {}
-        if load_images and "image.png" in raw:
+        if load_images == "png" and "image.png" in raw:
+            sample["image_png"] = raw["image.png"]  # as stored, not decoded
+        elif load_images and "image.png" in raw:
             image = Image.open(io.BytesIO(raw["image.png"]))
             image.load()  # decode now, so a broken PNG fails here, naming its shard
             sample["image"] = image
@@ -442,12 +445,13 @@ def _read(shards: list[_ShardInfo], split: bool, select_files, load_images: bool
 
 
 def iter_samples(
-    shard_dir: str | os.PathLike, buckets: Iterable[Bucket] | None = None, load_images: bool = True
+    shard_dir: str | os.PathLike, buckets: Iterable[Bucket] | None = None, load_images: bool | str = True
 ) -> Iterator[dict]:
     """All samples in a fixed order (bucket, shard, position in shard).
 
     Each sample: key, caption, bucket (W, H), meta (dict), image (PIL, if stored and
-    load_images), and every stored tensor as a torch tensor in its stored dtype.
+    load_images; with load_images="png" image_png, the stored PNG bytes), and every
+    stored tensor as a torch tensor in its stored dtype.
     Under torch.distributed / DataLoader workers each process gets a disjoint set of
     whole shards (split by node, then by worker).
     """

@@ -120,6 +120,20 @@ def gpu_slot(limit_name: str | None):
     return concurrency(limit_name, occupy=1, strict=False) if limit_name else contextlib.nullcontext()
 
 
+def publish_funnel_report(out_dir: Path) -> None:
+    """A curating data stage's funnel report (funnel_report.json) as a Prefect table artifact of the flow run."""
+    report_file = out_dir / "funnel_report.json"
+    if not report_file.exists():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    report = json.loads(report_file.read_text())
+    rows = [{**row, "examples": "; ".join(row["examples"])} for row in report["operators"]]
+    notes = report["failed_sources"] + report["notices"]
+    create_table_artifact(table=rows, key="curation-funnel",
+                          description=f"{report['seen']} seen, {report['kept']} kept. " + " ".join(notes))
+
+
 def claim_output(out_dir: Path, key: str) -> Path | None:
     """Before a stage runs: keep its folder when it holds an unfinished run with this cache key (its checkpoints
     are what the stage resumes from); otherwise move what is there (a finished output being rerun, or an unfinished
@@ -186,6 +200,7 @@ def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str
         raise
     seconds = time.time() - started
     tracker.log_metrics({"stage_seconds": seconds})
+    publish_funnel_report(out_dir)
     write_stage_manifest(
         out_dir, stage=name, cache_key=key, config=cfg.model_dump(mode="json"),
         inputs={k: str(Path(v).resolve()) for k, v in inputs.items() if v is not None},

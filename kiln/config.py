@@ -27,8 +27,50 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SourceConfig(Strict):
+    """An image-caption source read through Hugging Face `datasets` (data/sources.py)."""
+
+    kind: Literal["imagefolder", "parquet", "webdataset", "hub"]
+    path: str  # a folder, file, glob or fsspec URL; for kind hub a dataset id (contacted only because it is named)
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    category_column: str | None = None  # what rebalancing balances (e.g. a scene-type column)
+    weight: float = Field(1.0, gt=0)  # share of the mixed stream
+
+
+class FunnelConfig(Strict):
+    """Thresholds of the curation funnel's operators (data/funnel.py); each is checked in this order."""
+
+    min_file_bytes: int = Field(64, ge=0)
+    max_file_bytes: int = Field(50_000_000, gt=0)
+    min_side: int = Field(32, gt=0)  # px, the shorter side
+    max_aspect_ratio: float = Field(3.0, ge=1)  # long side / short side
+    min_luma: float = Field(0.02, ge=0, le=1)
+    max_luma: float = Field(0.98, ge=0, le=1)
+    min_saturation: float = Field(0.0, ge=0, le=1)
+    min_entropy: float = Field(1.0, ge=0)  # bits of the grey histogram: blank images have ~0
+    min_clarity: float = Field(20.0, ge=0)  # variance of the Laplacian (0-255 grey): blurred images are low
+    caption_min_words: int = Field(1, ge=0)
+    caption_max_words: int = Field(77, gt=0)
+    near_duplicate_bits: int = Field(4, ge=-1, le=64)  # perceptual-hash Hamming distance; -1 turns it off
+    # Per resolution stage: the image's shorter side must be at least this fraction of the stage's resolution.
+    min_side_fraction: float = Field(1.0, gt=0)
+    # Category rebalancing: no category may hold more than this many times the smallest one (None: off).
+    rebalance_max_ratio: float | None = Field(None, ge=1)
+    # Text-image alignment: a reward stage's output folder scores each image against its caption (None: skipped,
+    # with a notice in the funnel report); records scoring below min_alignment are dropped.
+    alignment_model: str | None = None
+    min_alignment: float = 0.0
+    num_proc: int = Field(0, ge=0)  # worker processes; 0: every core
+    chunk_size: int = Field(32, gt=0)  # records a worker inspects per task
+
+
 class DataConfig(Strict):
     source: Literal["synthetic"] = "synthetic"
+    # Image-caption sources to curate instead of the synthetic one (empty: the synthetic source).
+    sources: list[SourceConfig] = []
+    funnel: FunnelConfig = FunnelConfig()
     holdout_seed: int = 1234
     samples_per_resolution: int = Field(4000, gt=0)
     aspect_ratios: list[str] = ["1:1"]

@@ -43,6 +43,10 @@ class TextEncoder(torch.nn.Module):
             source = path or str(packaged_minilm_path())
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             self.model = AutoModel.from_pretrained(source)
+            layers = self.model.config.num_hidden_layers
+            if -(layers + 1) <= hidden_layer <= layers:  # run only the layers up to the one read (0: embeddings)
+                self.hidden_layer = hidden_layer % (layers + 1)
+                self.model.encoder.layer = self.model.encoder.layer[: self.hidden_layer]
         elif kind == "qwen2.5-vl":
             from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
@@ -68,7 +72,10 @@ class TextEncoder(torch.nn.Module):
             tokens = self.tokenizer(
                 captions, max_length=self.max_length, truncation=True, padding=True, return_tensors="pt"
             ).to(self.device)
-            hidden = self.model(**tokens, output_hidden_states=True).hidden_states[self.hidden_layer]  # (B, L, D)
+            if self.hidden_layer == 0:  # the token-embedding layer alone (the tiny preset's choice)
+                hidden = self.model.embeddings(input_ids=tokens.input_ids, token_type_ids=tokens.get("token_type_ids"))
+            else:
+                hidden = self.model(**tokens, output_hidden_states=True).hidden_states[self.hidden_layer]  # (B, L, D)
             mask = tokens.attention_mask.bool()  # (B, L)
             return hidden.float() * mask[..., None], mask
         return self._qwen(captions)

@@ -80,6 +80,22 @@ class Tracker:
 
             self.client.log_table(self.run_id, pd.DataFrame(rows), name)
 
+    def log_dataset(self, manifest: dict, shard_dir: Path, name: str) -> None:
+        """The shards as an MLflow dataset input of this run: one row per shard (url, samples, sha256), digest the
+        manifest's content hash, so a training run can be traced to the exact data."""
+        if not self:
+            return
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+
+        rows = [{"url": str((Path(shard_dir) / rel).resolve()), "samples": manifest["shard_counts"][rel],
+                 "sha256": sha} for rel, sha in sorted(manifest["shards"].items())]
+        dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=str(Path(shard_dir).resolve()), name=name,
+                                          digest=manifest["content_hash"][:36])
+        tags = [InputTag("mlflow.data.context", "curated"), InputTag("kiln.samples", str(manifest["count"]))]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+
     def end(self, status: str = "FINISHED") -> None:
         if self:
             self.client.set_terminated(self.run_id, status)

@@ -1,0 +1,94 @@
+"""Curation throughput and memory: the whole funnel (sources -> operators -> duplicates -> bucketed shards with
+caption embeddings) with worker processes on every core against the same work in one process, at two dataset sizes.
+
+python benchmarks/funnel.py [--sizes 1000 4000] [--image-size 256] [--procs 2]
+
+Writes a planted image folder per size (JPEGs of random sharp blocks; 1 in 20 blank, 1 in 20 a near duplicate), then
+runs each (size, processes) case in a fresh Python process and prints samples/s, the ratio to one process at the
+same size (measured in this run), and peak resident memory of the main process and of the largest worker (the
+sources stream, so neither should grow with the dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def write_folder(folder: Path, n: int, size: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    with (folder / "metadata.jsonl").open("w") as meta:
+        for i in range(n):
+            rng = np.random.default_rng(i)
+            if i % 20 == 7:  # a blank image
+                array = np.full((size, size, 3), 128, dtype=np.uint8)
+            else:
+                seed = i - 1 if i % 20 == 13 else i  # a near duplicate of the previous image
+                blocks = np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+                array = np.asarray(Image.fromarray(blocks).resize((size, size), Image.Resampling.NEAREST))
+                array = (array.astype(int) + rng.integers(-8, 8, array.shape)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(array).save(folder / f"{i:06d}.jpg", quality=90)
+            meta.write(json.dumps({"file_name": f"{i:06d}.jpg", "caption": f"random blocks number {i}"}) + "\n")
+
+
+def one_case(folder: str, out: str, procs: int) -> dict:
+    """Runs in its own process: curate the folder, report seconds and peak memory."""
+    import resource
+
+    from data.curate import curate
+    from kiln.config import load_config
+    from kiln.text_encoder import build_text_encoder
+
+    sources = json.dumps([{"kind": "imagefolder", "path": folder}])
+    cfg = load_config("tiny", [f"data.sources={sources}", f"data.funnel.num_proc={procs}"])
+    encoder = build_text_encoder(cfg.text_encoder)
+    started = time.perf_counter()
+    funnel = curate(cfg, Path(out), encoder, progress=False)
+    seconds = time.perf_counter() - started
+    report = funnel.report()
+    return {"seconds": seconds, "seen": report["seen"], "kept": report["kept"],
+            "main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--one", nargs=3, metavar=("FOLDER", "OUT", "PROCS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_case(args.one[0], args.one[1], int(args.one[2]))))
+        return
+    with tempfile.TemporaryDirectory(prefix="kiln-funnel-") as tmp:
+        rows = []
+        for n in args.sizes:
+            folder = Path(tmp) / f"images-{n}"
+            write_folder(folder, n, args.image_size)
+            results = {}
+            for procs in (1, args.procs):
+                out = Path(tmp) / f"out-{n}-{procs}" / "shards"
+                line = subprocess.run([sys.executable, __file__, "--one", str(folder), str(out), str(procs)],
+                                      check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                results[procs] = json.loads(line)
+            for procs, r in results.items():
+                rows.append((n, procs, r, results[1]["seconds"] / r["seconds"]))
+    print(f"\ncuration funnel, {args.image_size} px JPEGs, tiny preset (64 and 128 px rungs):")
+    print(f"{'samples':>8} {'procs':>5} {'kept':>6} {'seconds':>8} {'samples/s':>10} {'vs 1 proc':>9} "
+          f"{'main MB':>8} {'worker MB':>9}")
+    for n, procs, r, ratio in rows:
+        print(f"{n:>8} {procs:>5} {r['kept']:>6} {r['seconds']:>8.1f} {r['seen'] / r['seconds']:>10.1f} "
+              f"{ratio:>8.2f}x {r['main_mb']:>8.0f} {r['worker_mb']:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()

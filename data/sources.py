@@ -1,0 +1,106 @@
+"""Image-caption sources read through Hugging Face `datasets` (streaming): a local image folder with captions
+(`imagefolder` + metadata.jsonl / csv / parquet), Parquet files, WebDataset tar shards (local paths, globs or any
+fsspec URL) and hub datasets (only when a config names one). Several sources mix with weights.
+
+Each file (or the hub dataset, or the folder) is read on its own, so a corrupt one is reported and skipped while the
+rest goes on. Records: {key, image_bytes or image_path, caption, category, source}.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+BUILDERS = {"imagefolder": "imagefolder", "parquet": "parquet", "webdataset": "webdataset"}
+
+
+def source_units(src) -> list[str]:
+    """What is read as one unit: each file of a parquet / webdataset source (a glob or fsspec URL expands), the whole
+    folder of an imagefolder source, the dataset id of a hub source."""
+    if src.kind in ("imagefolder", "hub"):
+        return [src.path]
+    import fsspec
+
+    if any(ch in src.path for ch in "*?["):
+        fs, _, paths = fsspec.core.get_fs_token_paths(src.path)
+        units = sorted(paths if "://" not in src.path else (fs.unstrip_protocol(p) for p in paths))
+    elif "://" not in src.path and Path(src.path).is_dir():
+        suffix = ".parquet" if src.kind == "parquet" else ".tar"
+        units = sorted(str(p) for p in Path(src.path).rglob(f"*{suffix}"))
+    else:
+        units = [src.path]
+    if not units:
+        raise FileNotFoundError(f"data source {src.path}: no {src.kind} files there")
+    return units
+
+
+def _open(src, unit: str):
+    from datasets import Image, load_dataset
+
+    if src.kind == "hub":
+        ds = load_dataset(unit, split=src.split, streaming=True)
+    elif src.kind == "imagefolder":
+        ds = load_dataset("imagefolder", data_dir=unit, split=src.split, streaming=True)
+    else:
+        ds = load_dataset(BUILDERS[src.kind], data_files=[unit], split="train", streaming=True)
+    columns = list(ds.features or {})
+    needed = [c for c in (src.image_column, src.caption_column, src.category_column) if c]
+    missing = [c for c in needed if columns and c not in columns]
+    if missing:
+        raise ValueError(f"data source {unit}: no column {', '.join(repr(c) for c in missing)} "
+                         f"(columns: {', '.join(columns)}); set image_column / caption_column / category_column")
+    if columns and src.image_column in columns:
+        ds = ds.cast_column(src.image_column, Image(decode=False))  # bytes: decoding is the funnel's first check
+    return ds
+
+
+def _image_fields(value) -> dict:
+    """The image as stored: its bytes, or (files in a folder) its path, which the funnel's workers read."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return {"image_bytes": value["bytes"]}
+        if value.get("path"):
+            return {"image_path": value["path"]}
+    if isinstance(value, bytes):
+        return {"image_bytes": value}
+    return {"image_bytes": b""}
+
+
+def iter_unit(src, unit: str, tag: str) -> Iterator[dict]:
+    """Records of one unit. Raises on a missing column (before the first record) or a broken file (mid-stream)."""
+    for i, row in enumerate(_open(src, unit)):
+        if src.image_column not in row:
+            raise ValueError(f"data source {unit}: no column {src.image_column!r} (columns: {', '.join(row)})")
+        yield {"key": f"{tag}-{i:07d}", **_image_fields(row[src.image_column]),
+               "caption": row.get(src.caption_column), "source": unit,
+               "category": str(row[src.category_column]) if src.category_column else None}
+
+
+def mixed_records(sources: list, seed: int, on_error: Callable[[str, BaseException], None]) -> Iterator[dict]:
+    """Records of all sources interleaved by weight (seeded: deterministic), each source's units one after the
+    other. A unit that fails mid-stream is reported through on_error(unit, error) and skipped; a missing column is
+    a configuration error and stops the run with its one-line message."""
+    rng = random.Random(seed)
+
+    def records_of(index: int, src):
+        for u, unit in enumerate(source_units(src)):
+            try:
+                yield from iter_unit(src, unit, f"s{index}u{u}")
+            except ValueError as exc:
+                if "no column" in str(exc):
+                    raise
+                on_error(unit, exc)
+            except Exception as exc:  # noqa: BLE001 - a corrupt file or shard: count it, name it, go on
+                on_error(unit, exc)
+
+    streams = [records_of(i, src) for i, src in enumerate(sources)]
+    weights = [src.weight for src in sources]
+    live = list(range(len(streams)))
+    while live:
+        pick = rng.choices(live, weights=[weights[i] for i in live])[0]
+        record = next(streams[pick], None)
+        if record is None:
+            live.remove(pick)
+        else:
+            yield record

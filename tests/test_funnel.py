@@ -1,0 +1,209 @@
+"""The curation funnel on planted cases: every operator drops what it should (and counts it), clean samples pass,
+a wrong column name is one line naming what exists, a corrupt file mid-source is counted and named while the rest
+is processed, rebalancing caps a category, and the result does not depend on the number of worker processes."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from data.curate import curate
+from data.shards import iter_samples, read_manifest
+from kiln.config import load_config
+
+N_CLEAN = 8
+
+
+def clean_image(i: int, size=(64, 64)) -> Image.Image:
+    """Sharp random blocks plus noise: high entropy and clarity, and far apart in perceptual hash."""
+    rng = np.random.default_rng(i)
+    blocks = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST)
+    noisy = np.asarray(image).astype(int) + rng.integers(-10, 10, (size[1], size[0], 3))
+    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+
+
+def _bytes(image: Image.Image, fmt="PNG") -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def planted_records():
+    """(file name, bytes, caption, category, the operator that must drop it or None)."""
+    rows = [(f"clean{i}.png", _bytes(clean_image(i)), f"clean scene {i}", "a" if i < 6 else "b", None)
+            for i in range(N_CLEAN)]
+    jpeg = _bytes(clean_image(100), "JPEG")
+    rows += [
+        ("truncated.jpg", jpeg[: len(jpeg) // 2], "a truncated file", "a", "unreadable"),
+        ("tiny.png", _bytes(clean_image(101, (16, 16))), "too small", "a", "resolution"),
+        ("wide.png", _bytes(clean_image(102, (256, 48))), "too wide", "a", "aspect_ratio"),
+        ("dark.png", _bytes(Image.new("RGB", (64, 64), (2, 2, 2))), "almost black", "a", "luma"),
+        ("blank.png", _bytes(Image.new("RGB", (64, 64), (120, 130, 140))), "one flat colour", "a", "entropy"),
+        ("blurred.png", _bytes(clean_image(0).filter(ImageFilter.GaussianBlur(4))), "a blurred copy", "a", "clarity"),
+        ("nocaption.png", _bytes(clean_image(103)), "", "a", "caption"),
+        ("copy.png", _bytes(clean_image(1)), "the same pixels again", "a", "exact_duplicate"),
+        ("near.png", _bytes(Image.fromarray((np.asarray(clean_image(2)).astype(int) + 3).clip(0, 255)
+                                            .astype(np.uint8))), "slightly brighter", "a", "near_duplicate"),
+    ]
+    return rows
+
+
+def write_imagefolder(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "metadata.jsonl").open("w") as meta:
+        for name, data, caption, category, _ in rows:
+            (folder / name).write_bytes(data)
+            meta.write(json.dumps({"file_name": name, "caption": caption, "kind": category}) + "\n")
+    return folder
+
+
+def fake_embed(captions):
+    return torch.ones(len(captions), 4, 8), torch.ones(len(captions), 4, dtype=torch.bool)
+
+
+def _cfg(sources, *extra):
+    return load_config("smoke", [f"data.sources={json.dumps(sources)}", "data.funnel.num_proc=1", *extra])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_imagefolder(tmp_path_factory.mktemp("planted") / "images", planted_records())
+
+
+def test_every_operator_drops_its_planted_case_and_clean_images_pass(folder, tmp_path):
+    cfg = _cfg([{"kind": "imagefolder", "path": str(folder), "category_column": "kind"}])
+    funnel = curate(cfg, tmp_path / "shards", fake_embed, progress=False)
+    report = funnel.report()
+    dropped = {row["operator"]: row["dropped"] for row in report["operators"]}
+    expected = {op: 1 for *_, op in planted_records() if op}
+    assert {op: n for op, n in dropped.items() if n} == expected
+    assert report["seen"] == len(planted_records()) and report["kept"] == N_CLEAN
+    for row in report["operators"]:
+        assert len(row["examples"]) == row["dropped"]  # each drop named in the report (up to 4 per operator)
+    samples = list(iter_samples(tmp_path / "shards", load_images=True))
+    # smoke rungs are 32 and 64 px: a 64 px image qualifies for both, resized and cropped to its bucket
+    assert len(samples) == 2 * N_CLEAN
+    assert all(s["image"].size == s["bucket"] for s in samples)
+    assert {s["caption"] for s in samples} == {f"clean scene {i}" for i in range(N_CLEAN)}
+    assert funnel.example_grid() is not None
+
+
+def test_result_is_the_same_with_two_worker_processes(folder, tmp_path):
+    sources = [{"kind": "imagefolder", "path": str(folder), "category_column": "kind"}]
+    curate(_cfg(sources), tmp_path / "one", fake_embed, progress=False)
+    curate(_cfg(sources, "data.funnel.num_proc=2", "data.funnel.chunk_size=3"), tmp_path / "two", fake_embed,
+           progress=False)
+    assert read_manifest(tmp_path / "one")["content_hash"] == read_manifest(tmp_path / "two")["content_hash"]
+
+
+def test_rebalancing_caps_the_larger_category(folder, tmp_path):
+    cfg = _cfg([{"kind": "imagefolder", "path": str(folder), "category_column": "kind"}],
+               "data.funnel.rebalance_max_ratio=1.5")
+    funnel = curate(cfg, tmp_path / "shards", fake_embed, progress=False)
+    kinds = [s["meta"]["kind"] for s in iter_samples(tmp_path / "shards", load_images=False)
+             if s["meta"]["resolution"] == 64]
+    assert sorted(kinds) == ["a"] * 3 + ["b"] * 2  # clean: 6 of a, 2 of b; a capped at 1.5 x 2
+    assert {r["operator"]: r["dropped"] for r in funnel.report()["operators"]}["rebalance"] == 3
+
+
+def test_a_wrong_column_name_is_one_line_naming_the_columns(folder, tmp_path):
+    cfg = _cfg([{"kind": "imagefolder", "path": str(folder), "caption_column": "text"}])
+    with pytest.raises(ValueError) as error:
+        curate(cfg, tmp_path / "shards", fake_embed, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "no column 'text'" in message and "caption" in message and "image" in message
+
+
+def test_a_corrupt_file_mid_source_is_counted_named_and_skipped(tmp_path):
+    import pandas as pd
+
+    rows = [r for r in planted_records() if r[4] is None]
+    files = tmp_path / "parquet"
+    files.mkdir()
+    for part, chunk in enumerate([rows[:4], None, rows[4:]]):
+        path = files / f"part-{part}.parquet"
+        if chunk is None:
+            path.write_bytes(b"PAR1 this is not a parquet file" * 10)
+            continue
+        pd.DataFrame({"image": [{"bytes": d, "path": None} for _, d, *_ in chunk],
+                      "caption": [c for _, _, c, *_ in chunk]}).to_parquet(path)
+    cfg = _cfg([{"kind": "parquet", "path": str(files / "*.parquet")}])
+    funnel = curate(cfg, tmp_path / "shards", fake_embed, progress=False)
+    report = funnel.report()
+    assert report["kept"] == N_CLEAN  # both good files processed, before and after the bad one
+    assert len(report["failed_sources"]) == 1 and "part-1.parquet" in report["failed_sources"][0]
+
+
+def test_alignment_scorer_drops_misaligned_records_and_its_absence_is_noted(folder, tmp_path):
+    sources = [{"kind": "imagefolder", "path": str(folder)}]
+    without = curate(_cfg(sources), tmp_path / "plain", fake_embed, progress=False).report()
+    assert any(n.startswith("alignment: no text-image scorer") for n in without["notices"])
+
+    def scorer(images, captions):  # a planted judge: scene 3's caption does not describe its image
+        return [0.0 if caption == "clean scene 3" else 1.0 for caption in captions]
+
+    funnel = curate(_cfg(sources, "data.funnel.min_alignment=0.5"), tmp_path / "scored", fake_embed,
+                    progress=False, scorer=scorer)
+    report = funnel.report()
+    assert {r["operator"]: r["dropped"] for r in report["operators"]}["alignment"] == 1
+    assert report["kept"] == N_CLEAN - 1 and not report["notices"]
+    captions = {s["caption"] for s in iter_samples(tmp_path / "scored", load_images=False)}
+    assert "clean scene 3" not in captions and len(captions) == N_CLEAN - 1
+
+
+def test_webdataset_and_parquet_sources_mix_by_weight(tmp_path):
+    import pandas as pd
+    import webdataset as wds
+
+    rows = [r for r in planted_records() if r[4] is None]
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    with wds.TarWriter(str(tars / "shard-000.tar")) as tar:
+        for name, data, caption, *_ in rows[:4]:
+            tar.write({"__key__": name.split(".")[0], "png": data, "txt": caption})
+    pd.DataFrame({"image": [{"bytes": d, "path": None} for _, d, *_ in rows[4:]],
+                  "caption": [c for _, _, c, *_ in rows[4:]]}).to_parquet(tmp_path / "part.parquet")
+    sources = [{"kind": "webdataset", "path": str(tars), "image_column": "png", "caption_column": "txt", "weight": 3},
+               {"kind": "parquet", "path": str(tmp_path / "part.parquet")}]
+    report = curate(_cfg(sources), tmp_path / "shards", fake_embed, progress=False).report()
+    assert report["seen"] == N_CLEAN and report["kept"] == N_CLEAN
+    keys = [s["meta"]["source_key"] for s in iter_samples(tmp_path / "shards", load_images=False)
+            if s["meta"]["resolution"] == 64]
+    assert sorted(k.split("-")[0] for k in keys) == ["s0u0"] * 4 + ["s1u0"] * 4  # both sources, every record
+
+
+def test_data_stage_logs_report_dataset_input_and_prefect_artifact(folder, tmp_path, prefect_harness):
+    from mlflow import MlflowClient
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.pipeline import publish_funnel_report
+    from kiln.tracking import start_run
+    from stages import data
+
+    cfg = _cfg([{"kind": "imagefolder", "path": str(folder)}])
+    tracker = start_run("kiln-funnel-test", "data")
+    out = tmp_path / "data"
+    out.mkdir()
+    result = data.run(cfg, {}, out, tracker)
+    tracker.end()
+    assert result.metrics["funnel/seen"] == len(planted_records()) and result.metrics["funnel/dropped_luma"] == 1
+    assert (out / "funnel_examples.png").exists() and (out / "uncond.safetensors").exists()
+    client = MlflowClient()
+    inputs = client.get_run(tracker.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.digest == read_manifest(out / "shards")["content_hash"][:36]
+    assert {"funnel.json", "funnel_report.json"} <= {a.path for a in client.list_artifacts(tracker.run_id)}
+
+    @flow
+    def publish():
+        publish_funnel_report(out)
+
+    publish()
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curation-funnel"])))
+    assert found and "kept" in found[0].description
