@@ -1,23 +1,25 @@
 """Multi-process training stages: `launch()` runs a stage under torchrun and returns what rank 0 produced.
 
 The stage task calls `launch()` when the config asks for more than one process (distributed.nproc_per_node x
-nnodes) and the stage trains the generator (DATA_PARALLEL_KINDS: the pretrain trainer's rungs and sft, DPO, GRPO). It writes the stage's spec (kind,
-config, inputs, output folder, MLflow run id, rung) to OUT/launch.json and runs
+nnodes) and the stage trains the generator (DATA_PARALLEL_KINDS: pretrain rungs, sft, dpo, grpo). It writes the
+stage's spec (kind, config, inputs, output folder, MLflow run id, rung) to OUT/launch.json and runs
 
     torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m stages.worker OUT/launch.json
 
 Each process joins the process group, runs the stage's plain `run()`; rank 0 alone logs to the MLflow run and
 writes OUT/result.json. On several nodes every node runs that same command (see the README, "Multi-GPU and
-multi-node"). A process that fails writes OUT/.error-rank-R.json so the task re-raises the same kind of error
+multi-node"); a node that starts first waits for the spec (KILN_SPEC_WAIT_S, 600 s). A process that fails writes OUT/.error-rank-R.json so the task re-raises the same kind of error
 (NaN loss, bad input and pre-emption are not retried).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from kiln import distributed
@@ -71,7 +73,12 @@ def main(spec_path: str) -> None:
     from kiln.config import config_from_dict
     from kiln.tracking import Tracker
 
-    spec = json.loads(Path(spec_path).read_text())
+    spec_file = Path(spec_path)
+    # Other nodes of a multi-node launch may start before node 0's task has written the spec (shared storage).
+    deadline = time.monotonic() + float(os.environ.get("KILN_SPEC_WAIT_S", "600"))
+    while not spec_file.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    spec = json.loads(spec_file.read_text())
     ranks = distributed.init()
     out_dir = Path(spec["out_dir"])
     try:
