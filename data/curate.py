@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from data.funnel import THUMB, Funnel, _png, inspect_chunk, rebalance
+from data.funnel import THUMB, Funnel, inspect_chunk, png_bytes, rebalance
 from data.shards import ShardWriter, iter_samples
 from data.sources import mixed_records
 
@@ -147,6 +147,6 @@ def _misaligned(candidates_dir: Path, resolution: int, dropped: set, scorer: Cal
                     thumb = sample["image"].copy()
                     thumb.thumbnail((THUMB, THUMB))
                     funnel.dropped_later("alignment", sample["meta"]["source_key"],
-                                         f"score {float(score):.3f} < {threshold}", _png(thumb))
+                                         f"score {float(score):.3f} < {threshold}", png_bytes(thumb))
                     out.add(sample["meta"]["source_key"])
     return out

@@ -87,7 +87,7 @@ def _nearest_bucket(image: Image.Image, buckets: list[tuple[int, int]]) -> tuple
     return min(buckets, key=lambda b: abs(math.log(ratio * b[1] / b[0])))
 
 
-def _png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", compress_level=1)  # fast: level 6 took most of a worker's time for 2x the size
     return out.getvalue()
@@ -137,7 +137,7 @@ def inspect_record(record: dict, index: int, cfg, resolutions: list[int], ratios
         if image is not None:
             thumb = image.convert("RGB")
             thumb.thumbnail((THUMB, THUMB))
-            out.thumbnail = _png(thumb)
+            out.thumbnail = png_bytes(thumb)
         return out
 
     try:
@@ -173,7 +173,7 @@ def inspect_record(record: dict, index: int, cfg, resolutions: list[int], ratios
     for resolution in resolutions:  # every resolution stage the image is large enough for
         if min(image.size) >= resolution * cfg.min_side_fraction:
             bucket = _nearest_bucket(image, buckets_for(resolution, ratios, multiple))
-            out.buckets[resolution] = (bucket, _png(fit_to_bucket(image, *bucket)))
+            out.buckets[resolution] = (bucket, png_bytes(fit_to_bucket(image, *bucket)))
     if not out.buckets:
         return drop("resolution", f"{image.width}x{image.height}: too small for every resolution stage", image)
     return out

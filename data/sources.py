@@ -15,6 +15,10 @@ from pathlib import Path
 BUILDERS = {"imagefolder": "imagefolder", "parquet": "parquet", "webdataset": "webdataset"}
 
 
+class MissingColumn(ValueError):
+    """A configured column the source does not have: a configuration error, never skipped like a corrupt file."""
+
+
 def source_units(src) -> list[str]:
     """What is read as one unit: each file of a parquet / webdataset source (a glob or fsspec URL expands), the whole
     folder of an imagefolder source, the dataset id of a hub source."""
@@ -48,7 +52,7 @@ def _open(src, unit: str):
     needed = [c for c in (src.image_column, src.caption_column, src.category_column) if c]
     missing = [c for c in needed if columns and c not in columns]
     if missing:
-        raise ValueError(f"data source {unit}: no column {', '.join(repr(c) for c in missing)} "
+        raise MissingColumn(f"data source {unit}: no column {', '.join(repr(c) for c in missing)} "
                          f"(columns: {', '.join(columns)}); set image_column / caption_column / category_column")
     if columns and src.image_column in columns:
         ds = ds.cast_column(src.image_column, Image(decode=False))  # bytes: decoding is the funnel's first check
@@ -71,7 +75,7 @@ def iter_unit(src, unit: str, tag: str) -> Iterator[dict]:
     """Records of one unit. Raises on a missing column (before the first record) or a broken file (mid-stream)."""
     for i, row in enumerate(_open(src, unit)):
         if src.image_column not in row:
-            raise ValueError(f"data source {unit}: no column {src.image_column!r} (columns: {', '.join(row)})")
+            raise MissingColumn(f"data source {unit}: no column {src.image_column!r} (columns: {', '.join(row)})")
         yield {"key": f"{tag}-{i:07d}", **_image_fields(row[src.image_column]),
                "caption": row.get(src.caption_column), "source": unit,
                "category": str(row[src.category_column]) if src.category_column else None}
@@ -87,10 +91,8 @@ def mixed_records(sources: list, seed: int, on_error: Callable[[str, BaseExcepti
         for u, unit in enumerate(source_units(src)):
             try:
                 yield from iter_unit(src, unit, f"s{index}u{u}")
-            except ValueError as exc:
-                if "no column" in str(exc):
-                    raise
-                on_error(unit, exc)
+            except MissingColumn:
+                raise
             except Exception as exc:  # noqa: BLE001 - a corrupt file or shard: count it, name it, go on
                 on_error(unit, exc)
 
