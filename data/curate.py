@@ -1,20 +1,24 @@
-"""Curation: the funnel (data/funnel.py) over the configured sources (data/sources.py) into bucketed shards.
+"""Curation: the funnel (data/funnel.py) over the configured sources (data/sources.py; none configured: the
+synthetic source) into bucketed shards.
 
-1. The mixed sources stream in chunks to worker processes (all cores), which decode, run the quality operators and
-   encode each survivor's bucket images; the main process drops duplicates in stream order and writes survivors as
-   candidate shards. A bounded window of chunks is in flight, so memory does not grow with the source.
+1. The mixed sources stream in chunks to worker processes (all cores), which read or render each record, run the
+   quality operators, encode each survivor's bucket images, embed its caption and serialise its shard samples; the
+   main process only drops duplicates in stream order and appends the survivors' ready bytes to the shards. A
+   bounded window of chunks is in flight, so memory does not grow with the source.
 2. Categories are rebalanced over the candidates (a list of short strings, not images).
    Without rebalancing or a scorer (below) survivors go straight to the final shards instead.
 3. With a text-image scorer (e.g. the reward stage's model), each record's smallest bucket image is scored against
    its caption and records below data.funnel.min_alignment are dropped; without one the check is skipped, with a
    notice in the report.
-4. The kept candidates are copied into the final shards (their PNG bytes as they are) with caption embeddings.
-The result depends on the seed and the config only, not on the number of workers.
+4. The kept candidates are copied into the final shards.
+The result depends on the seed and the config only, not on the number of workers: chunks are the same for any
+number of workers and the main process takes them in stream order.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import multiprocessing
 import os
 import shutil
@@ -23,11 +27,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from data.funnel import THUMB, Funnel, inspect_chunk, png_bytes, rebalance
+from data.funnel import THUMB, Funnel, init_worker, inspect_chunk, png_bytes, rebalance
 from data.shards import ShardWriter, iter_samples
-from data.sources import mixed_records
+from data.sources import mixed_records, synthetic_records
 
-EMBED_BATCH = 256
+NO_SCORER = "alignment: no text-image scorer configured (data.funnel.alignment_model): not checked"
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -41,13 +45,28 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _ordered_bounded_map(fn: Callable, tasks: Iterable, processes: int) -> Iterator:
-    """fn over tasks in order: in this process when processes == 1, else on a pool with at most 2 tasks per process
-    in flight (Pool.imap would read the whole source ahead)."""
+def _ordered_bounded_map(fn: Callable, tasks: Iterable, processes: int, initializer: Callable,
+                         initargs: tuple) -> Iterator:
+    """fn over tasks in order: in this process when processes == 1, else on a pool of processes, with at most 2
+    tasks per process in flight (Pool.imap would read the whole source ahead); either way after
+    initializer(*initargs) in the process that runs fn.
+
+    Workers are forked where the platform can: they start in milliseconds and share this process's imported
+    modules and text encoder copy-on-write, where spawned ones each spent ~6 s importing torch and transformers
+    and loading the encoder (which cost more than the second core gained at 1000 samples). The workers use no GPU
+    and one torch thread (as DataLoader's forked workers do), so what forking leaves unsafe does not arise."""
     if processes == 1:
-        yield from map(fn, tasks)
+        import torch
+
+        threads = torch.get_num_threads()
+        initializer(*initargs)  # one torch thread, as in the workers: a fair baseline (2 threads ran 14x slower)
+        try:
+            yield from map(fn, tasks)
+        finally:
+            torch.set_num_threads(threads)
         return
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(processes, initializer, initargs) as pool:
         pending: collections.deque = collections.deque()
         for task in tasks:
             pending.append(pool.apply_async(fn, (task,)))
@@ -58,84 +77,78 @@ def _ordered_bounded_map(fn: Callable, tasks: Iterable, processes: int) -> Itera
 
 
 def curate(cfg, shard_dir: Path, embed: Callable, progress: bool = True, scorer: Callable | None = None) -> Funnel:
-    """Run the funnel over cfg.data.sources into shards at shard_dir. embed(captions) -> (emb (B, L, D), mask (B, L))
-    tensors; scorer(images: list[PIL.Image] of one size, captions) -> scores (higher: better aligned), or None.
+    """Run the funnel over cfg.data.sources (empty: the synthetic source) into shards at shard_dir.
+    embed(captions) -> (emb (B, L, D), mask (B, L)) CPU tensors, called in the worker processes (forked: they
+    inherit it; spawned, where there is no fork: it is pickled to each once).
+    scorer(images: list[PIL.Image] of one size, captions) -> scores (higher: better aligned), or None.
     Returns the Funnel (its report() and example_grid())."""
+    from kiln.config import SourceConfig
+
     dcfg, fcfg = cfg.data, cfg.data.funnel
     shard_dir = Path(shard_dir)
     resolutions = sorted({r.resolution for r in cfg.train.rungs})
     processes = fcfg.num_proc or os.cpu_count() or 1
+    sources = dcfg.sources or [SourceConfig(kind="synthetic")]
     funnel = Funnel(fcfg)
     candidates_dir = shard_dir.parent / ".candidates"
     shutil.rmtree(candidates_dir, ignore_errors=True)
-    keys, categories = [], []
+    decide_later = fcfg.rebalance_max_ratio is not None or scorer is not None
+    # Of kept records, only when decisions come after the stream: key, category, and the key of its sample at the
+    # smallest resolution stage it has (what the scorer judges).
+    keys, categories, scored_samples = [], [], set()
 
-    records = mixed_records(dcfg.sources, cfg.seed, funnel.source_failed)
-    tasks = ((chunk, fcfg, resolutions, dcfg.aspect_ratios, dcfg.bucket_multiple)
+    synthetic = functools.partial(synthetic_records, resolutions, dcfg.samples_per_resolution, cfg.seed,
+                                  dcfg.holdout_seed)
+    records = mixed_records(sources, cfg.seed, funnel.source_failed, synthetic)
+    source_cfgs = [src.funnel_config(fcfg) for src in sources]
+    tasks = ((chunk, source_cfgs, resolutions, dcfg.aspect_ratios, dcfg.bucket_multiple)
              for chunk in _chunks(enumerate(records), fcfg.chunk_size))
     bar = tqdm(desc="curate", unit="img", disable=not progress)
-
-    def survivors() -> Iterator[dict]:
-        """Each kept record's bucket images as shard samples, in stream order."""
-        for inspected in _ordered_bounded_map(inspect_chunk, tasks, processes):
+    with ShardWriter(candidates_dir if decide_later else shard_dir,
+                     max_samples_per_shard=dcfg.max_samples_per_shard) as writer:
+        for inspected in _ordered_bounded_map(inspect_chunk, tasks, processes, init_worker, (embed,)):
             for item in inspected:
                 if funnel.consider(item):
-                    keys.append(item.key)
-                    categories.append(item.category)
-                    for resolution, (bucket, png) in item.buckets.items():
-                        yield {"bucket": bucket, "key": f"{item.key}-r{resolution}", "caption": item.caption,
-                               "image_png": png, "meta": {"kind": item.category, "resolution": resolution,
-                                                          "source_key": item.key, **item.stats}}
+                    if decide_later:
+                        keys.append(item.key)
+                        categories.append(item.category)
+                        scored_samples.add(item.samples[0].key)  # samples come in increasing resolution
+                    for sample in item.samples:
+                        writer.write_encoded(sample)
             bar.update(len(inspected))
-            bar.set_postfix(kept=len(keys))
+            bar.set_postfix(kept=funnel.seen - sum(c.dropped for c in funnel.counts.values()))
         if funnel.seen == 0:
             raise ValueError(f"curate: the sources gave no records "
                              f"({'; '.join(funnel.unreadable_sources) or 'empty'})")
-
-    def write(samples: Iterable[dict]) -> None:
-        """Samples with their caption embeddings into the final shards."""
-        with ShardWriter(shard_dir, max_samples_per_shard=dcfg.max_samples_per_shard) as writer:
-            for batch in _chunks(samples, EMBED_BATCH):
-                emb, mask = embed([s["caption"] for s in batch])  # (B, L, D), (B, L)
-                for i, sample in enumerate(batch):
-                    length = int(mask[i].sum())
-                    writer.write(bucket=sample["bucket"], key=sample["key"], caption=sample["caption"],
-                                 image=sample["image_png"], meta=sample["meta"],
-                                 tensors={"text_emb": emb[i, :length].half().cpu().numpy(),
-                                          "text_mask": mask[i, :length].cpu().numpy()})
-
-    if fcfg.rebalance_max_ratio is None and scorer is None:  # nothing decided after the stream: write as it comes
-        funnel.notices.append("alignment: no text-image scorer configured (data.funnel.alignment_model): not checked")
-        write(survivors())
-        bar.close()
+    bar.close()
+    if scorer is None:
+        funnel.notices.append(NO_SCORER)
+    if not decide_later:
         return funnel
 
-    with ShardWriter(candidates_dir, max_samples_per_shard=dcfg.max_samples_per_shard) as candidates:
-        for sample in survivors():
-            candidates.write(bucket=sample["bucket"], key=sample["key"], caption=sample["caption"],
-                             image=sample["image_png"], meta=sample["meta"])
-    bar.close()
     dropped = set()
     if fcfg.rebalance_max_ratio is not None:
         for i in sorted(rebalance(categories, cfg.seed, fcfg.rebalance_max_ratio)):
             funnel.dropped_later("rebalance", keys[i], f"category {categories[i]} over its share")
             dropped.add(keys[i])
-    if scorer is None:
-        funnel.notices.append("alignment: no text-image scorer configured (data.funnel.alignment_model): not checked")
-    else:
-        dropped |= _misaligned(candidates_dir, min(resolutions), dropped, scorer, fcfg.min_alignment, funnel)
-    write(s for s in iter_samples(candidates_dir, load_images="png") if s["meta"]["source_key"] not in dropped)
+    if scorer is not None:
+        dropped |= _misaligned(candidates_dir, scored_samples, dropped, scorer, fcfg.min_alignment, funnel)
+    with ShardWriter(shard_dir, max_samples_per_shard=dcfg.max_samples_per_shard) as writer:
+        for s in iter_samples(candidates_dir, load_images="png"):
+            if s["meta"]["source_key"] not in dropped:
+                writer.write(bucket=s["bucket"], key=s["key"], caption=s["caption"], image=s.get("image_png"),
+                             meta=s["meta"], tensors={name: s[name] for name in ("text_emb", "text_mask")})
     shutil.rmtree(candidates_dir, ignore_errors=True)
     return funnel
 
 
-def _misaligned(candidates_dir: Path, resolution: int, dropped: set, scorer: Callable, threshold: float,
+def _misaligned(candidates_dir: Path, scored_samples: set, dropped: set, scorer: Callable, threshold: float,
                 funnel: Funnel) -> set:
-    """Keys of records whose image at the smallest resolution stage (every kept record has one) scores below
-    threshold against its caption."""
+    """Keys of records whose sample named in scored_samples (one per record) scores below threshold against its
+    caption."""
     out = set()
     images = (s for s in iter_samples(candidates_dir, load_images=True)
-              if s["meta"]["resolution"] == resolution and s["meta"]["source_key"] not in dropped)
+              if s["key"] in scored_samples and s["meta"]["source_key"] not in dropped)
     for batch in _chunks(images, 64):
         by_bucket = collections.defaultdict(list)  # the scorer takes one image size at a time
         for sample in batch:

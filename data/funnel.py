@@ -1,12 +1,14 @@
 """The curation funnel (Qwen-Image's data filtering, the working version): named operators with thresholds from the
 config, run over a stream of raw records on all cores, with a report of what each one dropped.
 
-Per record, in a worker process (`inspect_chunk`): decode (unreadable or truncated files), file size, resolution,
-aspect ratio, luma, saturation, entropy, clarity (variance of the Laplacian), caption checks, then the image
-resized and centre-cropped to its aspect-ratio bucket for every resolution stage it qualifies for, PNG-encoded.
+Per record, in a worker process (`inspect_chunk`): decode (unreadable or truncated files) or, for the synthetic
+source, render the scene from its seed; file size, resolution, aspect ratio, luma, saturation, entropy, clarity
+(variance of the Laplacian), caption checks; then the image resized and centre-cropped to its aspect-ratio bucket
+for every resolution stage it qualifies for (a synthetic scene is rendered at its own stage's bucket), the caption
+embedded, and each shard sample serialised (data/shards.py encode_sample).
 In the main process, in stream order (`Funnel.consider`): exact duplicates (hash of the decoded pixels) and near
 duplicates (64-bit perceptual hash within a Hamming distance of any kept image). Category rebalancing happens once
-the stream has been seen (`rebalance`). Records are {key, image_bytes, caption, category}.
+the stream has been seen (`rebalance`). Records: see data/sources.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from data.buckets import buckets_for
+from data.shards import encode_sample
 
 OPERATORS = ("unreadable", "file_size", "resolution", "aspect_ratio", "luma", "saturation", "entropy", "clarity",
              "caption", "exact_duplicate", "near_duplicate", "rebalance", "alignment")
@@ -113,24 +116,20 @@ class Inspected:
     reason: str = ""
     caption: str | None = None
     category: str | None = None
-    pixel_hash: str = ""
+    pixel_hash: int = 0  # 64 bits of the sha256 of the decoded pixels
     phash: int = 0
+    near_duplicate_bits: int = -1  # this record's source's threshold
     stats: dict = field(default_factory=dict)
-    buckets: dict = field(default_factory=dict)  # resolution -> ((width, height), png bytes)
+    # Shard samples, one per resolution stage: (bucket, key, png bytes, meta) until the chunk's captions are
+    # embedded, then EncodedSample.
+    samples: list = field(default_factory=list)
     thumbnail: bytes | None = None  # dropped records only
 
 
 def inspect_record(record: dict, index: int, cfg, resolutions: list[int], ratios: list[str], multiple: int) -> Inspected:
-    """Run every stateless operator on one raw record (the first that fails drops it) and prepare its buckets."""
+    """Run every stateless operator on one raw record (the first that fails drops it) and prepare its samples."""
     out = Inspected(key=str(record.get("key", index)), index=index, caption=record.get("caption"),
-                    category=record.get("category"))
-    data = record.get("image_bytes") or b""
-    if not data and record.get("image_path"):  # a file of a folder source: read here, in the worker
-        try:
-            data = _read_file(record["image_path"])
-        except OSError as exc:
-            out.dropped_by, out.reason = "unreadable", f"{type(exc).__name__}: {str(exc)[:80]}"
-            return out
+                    category=record.get("category"), near_duplicate_bits=cfg.near_duplicate_bits)
 
     def drop(operator: str, reason: str, image: Image.Image | None = None) -> Inspected:
         out.dropped_by, out.reason = operator, reason
@@ -140,14 +139,32 @@ def inspect_record(record: dict, index: int, cfg, resolutions: list[int], ratios
             out.thumbnail = png_bytes(thumb)
         return out
 
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()  # a truncated file fails here, not at open
-            image = opened.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - any decoder error means the file is unusable
-        return drop("unreadable", f"{type(exc).__name__}: {str(exc)[:80]}")
-    if not cfg.min_file_bytes <= len(data) <= cfg.max_file_bytes:
-        return drop("file_size", f"{len(data)} bytes", image)
+    rendered = record.get("render")
+    data = None  # the file's bytes; a rendered scene has no file
+    if rendered:
+        from data.synthetic import render_record
+
+        try:
+            spec, out.caption, image, objects = render_record(rendered["resolution"], rendered["seed"],
+                                                              rendered["holdout_seed"], ratios, multiple)
+        except Exception as exc:  # noqa: BLE001 - a scene the renderer cannot lay out is unusable, not fatal
+            return drop("unreadable", f"render: {type(exc).__name__}: {str(exc)[:80]}")
+        out.category = spec.kind
+    else:
+        data = record.get("image_bytes") or b""
+        if not data and record.get("image_path"):  # a file of a folder source: read here, in the worker
+            try:
+                data = _read_file(record["image_path"])
+            except OSError as exc:
+                return drop("unreadable", f"{type(exc).__name__}: {str(exc)[:80]}")
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                opened.load()  # a truncated file fails here, not at open
+                image = opened.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - any decoder error means the file is unusable
+            return drop("unreadable", f"{type(exc).__name__}: {str(exc)[:80]}")
+        if not cfg.min_file_bytes <= len(data) <= cfg.max_file_bytes:
+            return drop("file_size", f"{len(data)} bytes", image)
     if min(image.size) < cfg.min_side:
         return drop("resolution", f"{image.width}x{image.height} < {cfg.min_side}", image)
     ratio = image.width / image.height
@@ -168,21 +185,52 @@ def inspect_record(record: dict, index: int, cfg, resolutions: list[int], ratios
     problem = caption_problem(out.caption, cfg)
     if problem:
         return drop("caption", problem, image)
-    out.pixel_hash = hashlib.sha256(image.tobytes()).hexdigest()
+    out.pixel_hash = int.from_bytes(hashlib.sha256(image.tobytes()).digest()[:8], "little")
     out.phash = perceptual_hash(image)
+    meta = {"kind": out.category, "source_key": out.key, **out.stats}
+    if rendered:  # drawn for its resolution stage, in its bucket: no resizing, and the object boxes SFT reads
+        resolution = rendered["resolution"]
+        out.samples.append((image.size, out.key, png_bytes(image),
+                            {**meta, "resolution": resolution, "objects": objects}))
+        return out
     for resolution in resolutions:  # every resolution stage the image is large enough for
         if min(image.size) >= resolution * cfg.min_side_fraction:
             bucket = _nearest_bucket(image, buckets_for(resolution, ratios, multiple))
-            out.buckets[resolution] = (bucket, png_bytes(fit_to_bucket(image, *bucket)))
-    if not out.buckets:
+            out.samples.append((bucket, f"{out.key}-r{resolution}", png_bytes(fit_to_bucket(image, *bucket)),
+                                {**meta, "resolution": resolution}))
+    if not out.samples:
         return drop("resolution", f"{image.width}x{image.height}: too small for every resolution stage", image)
     return out
 
 
+_embed = None  # this process's caption embedder: captions -> (emb (B, L, D), mask (B, L)); set by init_worker
+
+
+def init_worker(embed) -> None:
+    """Pool initializer (and the one-process path's setup): the caption embedder inspect_chunk uses, on one torch
+    thread (one worker per core; on 2 cores torch's 2 threads made a batch of 32 captions take 40 ms, not 3)."""
+    global _embed
+    import torch
+
+    torch.set_num_threads(1)
+    _embed = embed
+
+
 def inspect_chunk(args) -> list[Inspected]:
-    """Worker entry point: (records [(index, record)], cfg, resolutions, ratios, multiple) -> Inspected each."""
-    records, cfg, resolutions, ratios, multiple = args
-    return [inspect_record(record, index, cfg, resolutions, ratios, multiple) for index, record in records]
+    """Worker entry point: (records [(index, record)], funnel config per source index, resolutions, ratios, bucket
+    multiple) -> Inspected each, survivors with their shard samples serialised (captions embedded as one batch)."""
+    records, cfgs, resolutions, ratios, multiple = args
+    items = [inspect_record(record, index, cfgs[record.get("source_index", 0)], resolutions, ratios, multiple)
+             for index, record in records]
+    kept = [item for item in items if not item.dropped_by]
+    if kept:
+        emb, mask = _embed([item.caption for item in kept])  # (B, L, D), (B, L)
+        for i, item in enumerate(kept):
+            length = int(mask[i].sum())
+            tensors = {"text_emb": emb[i, :length].half().cpu().numpy(), "text_mask": mask[i, :length].cpu().numpy()}
+            item.samples = [encode_sample(bucket, key, item.caption, png, tensors, meta)
+                            for bucket, key, png, meta in item.samples]
+    return items
 
 
 @dataclass
@@ -200,8 +248,11 @@ class Funnel:
         self.counts = {name: OperatorCount() for name in OPERATORS}
         self.unreadable_sources: list[str] = []  # whole files or shards that failed, with the error
         self.notices: list[str] = []  # operators that did not run, and why
-        self._pixel_hashes: set[str] = set()
-        self._phashes = np.zeros(0, dtype=np.uint64)
+        # The dedup index, what grows with the kept records: an int in a set (~70 bytes) and 8 bytes of perceptual
+        # hash per kept record, in a buffer that doubles when full.
+        self._pixel_hashes: set[int] = set()
+        self._phashes = np.zeros(1024, dtype=np.uint64)
+        self._n_phashes = 0
 
     def _drop(self, operator: str, item: Inspected, reason: str) -> None:
         count = self.counts[operator]
@@ -218,13 +269,16 @@ class Funnel:
         if item.pixel_hash in self._pixel_hashes:
             self._drop("exact_duplicate", item, "same pixels as an earlier image")
             return False
-        if self.cfg.near_duplicate_bits >= 0 and len(self._phashes):
-            distance = np.bitwise_count(self._phashes ^ np.uint64(item.phash)).min()
-            if distance <= self.cfg.near_duplicate_bits:
+        if item.near_duplicate_bits >= 0 and self._n_phashes:
+            distance = np.bitwise_count(self._phashes[: self._n_phashes] ^ np.uint64(item.phash)).min()
+            if distance <= item.near_duplicate_bits:
                 self._drop("near_duplicate", item, f"perceptual hash {int(distance)} bits from an earlier image")
                 return False
         self._pixel_hashes.add(item.pixel_hash)
-        self._phashes = np.append(self._phashes, np.uint64(item.phash))
+        if self._n_phashes == len(self._phashes):
+            self._phashes = np.concatenate([self._phashes, np.zeros_like(self._phashes)])
+        self._phashes[self._n_phashes] = item.phash
+        self._n_phashes += 1
         return True
 
     def dropped_later(self, operator: str, key: str, reason: str, thumbnail: bytes | None = None) -> None:

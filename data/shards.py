@@ -34,6 +34,7 @@ import json
 import os
 import random
 import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -123,15 +124,71 @@ def _npy_bytes(name: str, value) -> bytes:
     return buffer.getvalue()
 
 
+def _end_archive(file: io.BufferedWriter) -> None:
+    """Two zero blocks, then zeros to a whole tar record, as tarfile ends an archive; closes the file."""
+    end = file.tell() + 2 * tarfile.BLOCKSIZE
+    file.write(b"\0" * (end + -end % tarfile.RECORDSIZE - file.tell()))
+    file.close()
+
+
 def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class EncodedSample:
+    """One sample serialised as its tar members (headers and padded data), ready to be appended to a shard: what
+    curation's worker processes hand to the one writer, so the writing process only copies bytes."""
+
+    bucket: Bucket
+    key: str
+    tensor_fields: tuple[str, ...]
+    tar_bytes: bytes
+
+
+def _tar_member(name: str, data: bytes) -> bytes:
+    """A ustar member as tarfile writes it: fixed mtime and owner, so equal samples give equal bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "kiln", "kiln"
+    padding = -len(data) % tarfile.BLOCKSIZE
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape") + data + b"\0" * padding
+
+
+def encode_sample(
+    bucket: Bucket,
+    key: str,
+    caption: str,
+    image: Image.Image | bytes | None = None,
+    tensors: dict[str, np.ndarray | torch.Tensor] | None = None,
+    meta: dict | None = None,
+) -> EncodedSample:
+    """Check and serialise one sample (see ShardWriter.write); runs anywhere, e.g. in a worker process."""
+    bucket = _as_bucket(bucket)
+    if not isinstance(key, str) or not _NAME_PATTERN.match(key):
+        raise ValueError(f"bad sample key {key!r}: use letters, digits, '_' and '-' only (no dots)")
+    tensors = tensors or {}
+    members = {
+        "caption.txt": caption.encode("utf-8"),
+        "meta.json": json.dumps(meta or {}, sort_keys=True).encode("utf-8"),
+    }
+    if image is not None:  # a PIL image, or one already PNG-encoded (curation encodes in its workers)
+        size = Image.open(io.BytesIO(image)).size if isinstance(image, bytes) else image.size
+        if tuple(size) != bucket:
+            raise ValueError(f"sample {key!r}: image size {size} does not match bucket {bucket}")
+        members["image.png"] = image if isinstance(image, bytes) else _png_bytes(image)
+    for name, value in tensors.items():
+        if name in _RESERVED_FIELDS or not _NAME_PATTERN.match(name):
+            raise ValueError(f"sample {key!r}: bad tensor name {name!r}")
+        members[f"{name}.npy"] = _npy_bytes(name, value)
+    data = b"".join(_tar_member(f"{key}.{field}", value) for field, value in members.items())
+    return EncodedSample(bucket, key, tuple(tensors), data)
+
+
 @dataclass
 class _OpenShard:
-    tar: wds.TarWriter
+    file: io.BufferedWriter
     tmp_path: Path
     final_path: Path
     relpath: str
@@ -157,7 +214,7 @@ class ShardWriter:
         (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
         self._open: dict[Bucket, _OpenShard] = {}
         self._finished: dict[Bucket, list[tuple[str, int, str]]] = {}  # (relpath, count, sha256)
-        self._keys: set[str] = set()
+        self._keys: set[str] = set()  # grows by one short string per sample: the duplicate-key check
         self._fields: set[str] = set()
         self._closed = False
         self._manifest: dict | None = None  # set by close()
@@ -182,36 +239,21 @@ class ShardWriter:
     ) -> None:
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
-        bucket = _as_bucket(bucket)
-        if not isinstance(key, str) or not _NAME_PATTERN.match(key):
-            raise ValueError(f"bad sample key {key!r}: use letters, digits, '_' and '-' only (no dots)")
-        if key in self._keys:
-            raise ValueError(f"duplicate sample key {key!r}")
-        tensors = tensors or {}
+        self.write_encoded(encode_sample(bucket, key, caption, image, tensors, meta))
 
-        # Encode everything first, so a bad sample leaves nothing half-written in the tar.
-        sample = {
-            "__key__": key,
-            "caption.txt": caption.encode("utf-8"),
-            "meta.json": json.dumps(meta or {}, sort_keys=True).encode("utf-8"),
-        }
-        if image is not None:  # a PIL image, or one already PNG-encoded (curation encodes in its workers)
-            size = Image.open(io.BytesIO(image)).size if isinstance(image, bytes) else image.size
-            if tuple(size) != bucket:
-                raise ValueError(f"sample {key!r}: image size {size} does not match bucket {bucket}")
-            sample["image.png"] = image if isinstance(image, bytes) else _png_bytes(image)
-        for name, value in tensors.items():
-            if name in _RESERVED_FIELDS or not _NAME_PATTERN.match(name):
-                raise ValueError(f"sample {key!r}: bad tensor name {name!r}")
-            sample[f"{name}.npy"] = _npy_bytes(name, value)
-
-        shard = self._open.get(bucket) or self._start_shard(bucket)
-        shard.tar.write(sample)
+    def write_encoded(self, sample: EncodedSample) -> None:
+        """Append a sample serialised by encode_sample (everything was checked there, so nothing is half-written)."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        if sample.key in self._keys:
+            raise ValueError(f"duplicate sample key {sample.key!r}")
+        shard = self._open.get(sample.bucket) or self._start_shard(sample.bucket)
+        shard.file.write(sample.tar_bytes)
         shard.count += 1
-        self._keys.add(key)
-        self._fields.update(tensors)
+        self._keys.add(sample.key)
+        self._fields.update(sample.tensor_fields)
         if shard.count >= self.max_samples_per_shard:
-            self._finish_shard(bucket)
+            self._finish_shard(sample.bucket)
 
     def _start_shard(self, bucket: Bucket) -> _OpenShard:
         index = len(self._finished.get(bucket, []))
@@ -219,14 +261,12 @@ class ShardWriter:
         final_path = self.out_dir / relpath
         final_path.parent.mkdir(parents=True, exist_ok=True)
         tmp_path = final_path.with_name(final_path.name + ".tmp")
-        # Fixed mtime: identical samples give byte-identical shards, hence identical hashes.
-        tar = wds.TarWriter(str(tmp_path), encoder=False, mtime=0.0, compress=False)
-        shard = self._open[bucket] = _OpenShard(tar, tmp_path, final_path, relpath)
+        shard = self._open[bucket] = _OpenShard(open(tmp_path, "wb"), tmp_path, final_path, relpath)
         return shard
 
     def _finish_shard(self, bucket: Bucket) -> None:
         shard = self._open.pop(bucket)
-        shard.tar.close()
+        _end_archive(shard.file)
         os.replace(shard.tmp_path, shard.final_path)
         sha = _sha256_of_file(shard.final_path)
         self._finished.setdefault(bucket, []).append((shard.relpath, shard.count, sha))
@@ -269,7 +309,7 @@ class ShardWriter:
         """Drop unfinished shards and write no manifest (used when the with-block raises)."""
         for shard in self._open.values():
             try:
-                shard.tar.close()
+                shard.file.close()
             finally:
                 shard.tmp_path.unlink(missing_ok=True)
         self._open.clear()

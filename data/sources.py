@@ -1,9 +1,10 @@
 """Image-caption sources read through Hugging Face `datasets` (streaming): a local image folder with captions
 (`imagefolder` + metadata.jsonl / csv / parquet), Parquet files, WebDataset tar shards (local paths, globs or any
-fsspec URL) and hub datasets (only when a config names one). Several sources mix with weights.
+fsspec URL) and hub datasets (only when a config names one); and the synthetic source, whose records are only a
+scene's seed and resolution (the funnel's workers render them). Several sources mix with weights.
 
 Each file (or the hub dataset, or the folder) is read on its own, so a corrupt one is reported and skipped while the
-rest goes on. Records: {key, image_bytes or image_path, caption, category, source}.
+rest goes on. Records: {key, image_bytes or image_path or render, caption, category, source, source_index}.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class MissingColumn(ValueError):
 def source_units(src) -> list[str]:
     """What is read as one unit: each file of a parquet / webdataset source (a glob or fsspec URL expands), the whole
     folder of an imagefolder source, the dataset id of a hub source."""
-    if src.kind in ("imagefolder", "hub"):
+    if src.kind in ("imagefolder", "hub", "synthetic"):
         return [src.path]
     import fsspec
 
@@ -45,7 +46,10 @@ def _open(src, unit: str):
     if src.kind == "hub":
         ds = load_dataset(unit, split=src.split, streaming=True)
     elif src.kind == "imagefolder":
-        ds = load_dataset("imagefolder", data_dir=unit, split=src.split, streaming=True)
+        # One glob of the folder (or its split's subfolder): data_dir would try ~66 split patterns, each walking the
+        # whole folder, in this process (1.5 s per 1000 files).
+        folder = Path(unit) / src.split if "://" not in unit and (Path(unit) / src.split).is_dir() else Path(unit)
+        ds = load_dataset("imagefolder", data_files={src.split: f"{folder}/**"}, split=src.split, streaming=True)
     else:
         ds = load_dataset(BUILDERS[src.kind], data_files=[unit], split="train", streaming=True)
     columns = list(ds.features or {})
@@ -81,16 +85,32 @@ def iter_unit(src, unit: str, tag: str) -> Iterator[dict]:
                "category": str(row[src.category_column]) if src.category_column else None}
 
 
-def mixed_records(sources: list, seed: int, on_error: Callable[[str, BaseException], None]) -> Iterator[dict]:
+def synthetic_records(resolutions: list[int], per_resolution: int, seed: int, holdout_seed: int) -> Iterator[dict]:
+    """per_resolution scenes for each resolution stage: a seed each, which the funnel's workers render natively at
+    that resolution (data/funnel.py render_synthetic), so records are tiny and rendering runs on every core."""
+    for resolution in resolutions:
+        for i in range(per_resolution):
+            yield {"key": f"r{resolution}-{i:07d}", "source": "synthetic",
+                   "render": {"resolution": resolution, "seed": f"{seed}:{resolution}:{i}", "holdout_seed": holdout_seed}}
+
+
+def mixed_records(sources: list, seed: int, on_error: Callable[[str, BaseException], None],
+                  synthetic: Callable[[], Iterator[dict]] | None = None) -> Iterator[dict]:
     """Records of all sources interleaved by weight (seeded: deterministic), each source's units one after the
-    other. A unit that fails mid-stream is reported through on_error(unit, error) and skipped; a missing column is
-    a configuration error and stops the run with its one-line message."""
+    other; a synthetic source's records come from synthetic(). A unit that fails mid-stream is reported through
+    on_error(unit, error) and skipped; a missing column is a configuration error and stops the run with its
+    one-line message."""
     rng = random.Random(seed)
 
     def records_of(index: int, src):
+        if src.kind == "synthetic":
+            for record in synthetic():
+                yield {**record, "key": f"s{index}-{record['key']}", "source_index": index}
+            return
         for u, unit in enumerate(source_units(src)):
             try:
-                yield from iter_unit(src, unit, f"s{index}u{u}")
+                for record in iter_unit(src, unit, f"s{index}u{u}"):
+                    yield {**record, "source_index": index}
             except MissingColumn:
                 raise
             except Exception as exc:  # noqa: BLE001 - a corrupt file or shard: count it, name it, go on

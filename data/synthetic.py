@@ -464,3 +464,37 @@ def eval_prompts(
     specs += [SceneSpec("count", *pairs[i % len(pairs)], rng.randint(2, 4)) for i in range(n_per_kind)]
     specs += [_oriented(triples[i % len(triples)], rng) for i in range(n_per_kind)]
     return specs
+
+
+# --------------------------------------------------------------------------- the data stage's records
+
+
+def object_boxes(placed: list[PlacedObject], width: int, height: int) -> list[list[float]]:
+    """Each object's bounding square as [x0, y0, x1, y1] in fractions of the image (SFT's curation reads these)."""
+    boxes = []
+    for obj in placed:
+        half = obj.size / 2
+        boxes.append([round((obj.cx - half) / width, 4), round((obj.cy - half) / height, 4),
+                      round((obj.cx + half) / width, 4), round((obj.cy + half) / height, 4)])
+    return boxes
+
+
+@functools.lru_cache(maxsize=8)
+def _holdout(seed: int) -> Holdout:
+    return make_holdout(seed)
+
+
+def render_record(resolution: int, seed: str, holdout_seed: int, ratios: list[str], multiple: int
+                  ) -> tuple[SceneSpec, str, Image.Image, list[list[float]]]:
+    """One training scene (never a held-out composition) from its own seed, rendered natively in a random
+    aspect-ratio bucket of the resolution stage: (spec, caption, image, object boxes). The same seed gives the same
+    record in any process."""
+    from data.buckets import buckets_for
+
+    rng = random.Random(seed)
+    spec = sample_spec(rng, _holdout(holdout_seed), "train")
+    text = caption(spec, rng)
+    buckets = buckets_for(resolution, ratios, multiple)
+    width, height = buckets[rng.randrange(len(buckets))]
+    image, placed = render(spec, width, height, rng)
+    return spec, text, image, object_boxes(placed, width, height)

@@ -207,3 +207,71 @@ def test_data_stage_logs_report_dataset_input_and_prefect_artifact(folder, tmp_p
     with get_client(sync_client=True) as prefect:
         found = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curation-funnel"])))
     assert found and "kept" in found[0].description
+
+
+def test_synthetic_source_goes_through_the_funnel(tmp_path):
+    """The default source: every scene rendered in a worker, checked by every operator, counted in the report; the
+    shards keep what training reads (bucketed native renders, kind, resolution, object boxes, embeddings) and no
+    held-out composition."""
+    from data.buckets import buckets_for
+    from data.funnel import OPERATORS
+    from data.synthetic import make_holdout, parse_caption
+    from kiln.tracking import Tracker
+    from stages import data
+
+    cfg = load_config("smoke", ["data.funnel.num_proc=2", "data.funnel.chunk_size=7"])
+    result = data.run(cfg, {}, tmp_path / "two", Tracker(None))
+    report = json.loads((tmp_path / "two" / "funnel_report.json").read_text())
+    resolutions = sorted({r.resolution for r in cfg.train.rungs})
+    assert report["seen"] == len(resolutions) * cfg.data.samples_per_resolution
+    assert [row["operator"] for row in report["operators"]] == list(OPERATORS)
+    for row, following in zip(report["operators"], report["operators"][1:]):
+        assert following["saw"] == row["saw"] - row["dropped"]  # each operator sees what the one before kept
+    dropped = {row["operator"]: row["dropped"] for row in report["operators"]}
+    assert report["kept"] == report["seen"] - sum(dropped.values()) == result.metrics["samples"]
+    assert dropped["entropy"] == dropped["near_duplicate"] == dropped["clarity"] == 0  # clean scenes pass
+    assert report["kept"] >= 0.95 * report["seen"]
+
+    holdout = make_holdout(cfg.data.holdout_seed)
+    samples = list(iter_samples(tmp_path / "two" / "shards", load_images=True))
+    assert len(samples) == report["kept"]
+    for sample in samples:
+        meta = sample["meta"]
+        assert holdout.is_training_spec(parse_caption(sample["caption"]))
+        assert sample["image"].size == sample["bucket"]
+        assert sample["bucket"] in buckets_for(meta["resolution"], cfg.data.aspect_ratios, cfg.data.bucket_multiple)
+        assert meta["kind"] == parse_caption(sample["caption"]).kind
+        assert len(meta["objects"]) == len(parse_caption(sample["caption"]).pairs()) * \
+            parse_caption(sample["caption"]).count
+        assert sample["text_emb"].shape[0] == sample["text_mask"].shape[0] == int(sample["text_mask"].sum())
+    assert {s["meta"]["resolution"] for s in samples} == set(resolutions)
+    assert (tmp_path / "two" / "uncond.safetensors").exists()
+    # the same shards from one process (the seed decides every scene, not the worker that rendered it)
+    one = data.run(load_config("smoke", ["data.funnel.num_proc=1", "data.funnel.chunk_size=7"]), {},
+                   tmp_path / "one", Tracker(None))
+    assert one.content_hash == result.content_hash
+
+
+def test_a_curation_run_through_the_pipeline_flow_reports_its_funnel(folder, tmp_path, prefect_harness):
+    """data.sources set, the Prefect flow run with only its data stage: the stage's funnel report and the flow run's
+    curation-funnel artifact come out of it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    from flows.pipeline import pipeline
+
+    sources = json.dumps([{"kind": "imagefolder", "path": str(folder), "category_column": "kind"}])
+    overrides = [f"run_dir={tmp_path}", "experiment=kiln-curation-flow", f"data.sources={sources}"]
+    state = pipeline(preset="smoke", overrides=overrides, run_name="curation", only=["data"], return_state=True)
+    assert state.is_completed()
+    report = json.loads((tmp_path / "curation" / "data" / "funnel_report.json").read_text())
+    assert report["seen"] == len(planted_records()) and report["kept"] == N_CLEAN
+    assert json.loads((tmp_path / "curation" / "data" / "manifest.json").read_text())["metrics"]["funnel/kept"] == N_CLEAN
+    assert not (tmp_path / "curation" / "vae").exists()  # --only data: nothing else ran
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["curation-funnel"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert len(found) == 1 and found[0].description.startswith(f"{len(planted_records())} seen, {N_CLEAN} kept")
+    rows = {row["operator"]: row for row in json.loads(found[0].data)}
+    assert rows["luma"]["dropped"] == 1 and rows["exact_duplicate"]["dropped"] == 1
