@@ -1,9 +1,10 @@
 """Curation throughput and memory: the whole funnel (sources -> operators -> duplicates -> bucketed shards with
 caption embeddings) with worker processes on every core against the same work in one process, at two dataset sizes.
 
-python benchmarks/funnel.py [--sizes 1000 4000] [--image-size 256] [--procs 2]
+python benchmarks/funnel.py [--sizes 1000 4000] [--image-size 256] [--procs 2] [--kind imagefolder|webdataset]
 
-Writes a planted image folder per size (JPEGs of random sharp blocks; 1 in 20 blank, 1 in 20 a near duplicate), then
+Writes a planted image folder per size (JPEGs of random sharp blocks; 1 in 20 blank, 1 in 20 a near duplicate; with
+--kind webdataset the same images packed into tar shards of 500), then
 runs each (size, processes) case in a fresh Python process and prints samples/s, the ratio to one process at the
 same size (measured in this run), and peak resident memory of the main process and of the largest worker (the
 sources stream, so neither should grow with the dataset). Both cases run the same code (data/curate.py with
@@ -41,15 +42,29 @@ def write_folder(folder: Path, n: int, size: int) -> None:
             meta.write(json.dumps({"file_name": f"{i:06d}.jpg", "caption": f"random blocks number {i}"}) + "\n")
 
 
-def one_case(folder: str, out: str, procs: int) -> dict:
-    """Runs in its own process: curate the folder, report seconds and peak memory."""
+def pack_tars(folder: Path, tars: Path, per_shard: int = 500) -> None:
+    """The folder's images and captions as WebDataset shards (jpg, txt)."""
+    import webdataset as wds
+
+    tars.mkdir(parents=True)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    for start in range(0, len(rows), per_shard):
+        with wds.TarWriter(str(tars / f"shard-{start // per_shard:06d}.tar")) as tar:
+            for row in rows[start:start + per_shard]:
+                tar.write({"__key__": row["file_name"].split(".")[0], "jpg": (folder / row["file_name"]).read_bytes(),
+                           "txt": row["caption"]})
+
+
+def one_case(path: str, out: str, procs: int, kind: str) -> dict:
+    """Runs in its own process: curate the source, report seconds and peak memory."""
     import resource
 
     from data.curate import curate
     from kiln.config import load_config
     from kiln.text_encoder import build_text_encoder
 
-    sources = json.dumps([{"kind": "imagefolder", "path": folder}])
+    columns = {"image_column": "jpg", "caption_column": "txt"} if kind == "webdataset" else {}
+    sources = json.dumps([{"kind": kind, "path": path, **columns}])
     cfg = load_config("tiny", [f"data.sources={sources}", f"data.funnel.num_proc={procs}"])
     import datasets  # noqa: F401 - imports (1.3 s) and the text encoder are process start-up, not funnel work
 
@@ -68,25 +83,31 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--procs", type=int, default=2)
-    parser.add_argument("--one", nargs=3, metavar=("FOLDER", "OUT", "PROCS"), help=argparse.SUPPRESS)
+    parser.add_argument("--kind", choices=["imagefolder", "webdataset"], default="imagefolder")
+    parser.add_argument("--one", nargs=3, metavar=("PATH", "OUT", "PROCS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_case(args.one[0], args.one[1], int(args.one[2]))))
+        print(json.dumps(one_case(args.one[0], args.one[1], int(args.one[2]), args.kind)))
         return
     with tempfile.TemporaryDirectory(prefix="kiln-funnel-") as tmp:
         rows = []
         for n in args.sizes:
             folder = Path(tmp) / f"images-{n}"
             write_folder(folder, n, args.image_size)
+            source = folder
+            if args.kind == "webdataset":
+                source = Path(tmp) / f"tars-{n}"
+                pack_tars(folder, source)
             results = {}
             for procs in (1, args.procs):
                 out = Path(tmp) / f"out-{n}-{procs}" / "shards"
-                line = subprocess.run([sys.executable, __file__, "--one", str(folder), str(out), str(procs)],
+                line = subprocess.run([sys.executable, __file__, "--one", str(source), str(out), str(procs),
+                                       "--kind", args.kind],
                                       check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
                 results[procs] = json.loads(line)
             for procs, r in results.items():
                 rows.append((n, procs, r, results[1]["seconds"] / r["seconds"]))
-    print(f"\ncuration funnel, {args.image_size} px JPEGs, tiny preset (64 and 128 px rungs):")
+    print(f"\ncuration funnel, {args.image_size} px JPEGs ({args.kind}), tiny preset (64 and 128 px rungs):")
     print(f"{'samples':>8} {'procs':>5} {'kept':>6} {'seconds':>8} {'samples/s':>10} {'vs 1 proc':>9} "
           f"{'main MB':>8} {'worker MB':>9}")
     for n, procs, r, ratio in rows:

@@ -47,7 +47,7 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 def _ordered_bounded_map(fn: Callable, tasks: Iterable, processes: int, initializer: Callable,
                          initargs: tuple) -> Iterator:
-    """fn over tasks in order: in this process when processes == 1, else on a pool of processes, with at most 2
+    """fn over tasks in order: in this process when processes == 1, else on a pool of processes, with at most 4
     tasks per process in flight (Pool.imap would read the whole source ahead); either way after
     initializer(*initargs) in the process that runs fn.
 
@@ -70,7 +70,7 @@ def _ordered_bounded_map(fn: Callable, tasks: Iterable, processes: int, initiali
         pending: collections.deque = collections.deque()
         for task in tasks:
             pending.append(pool.apply_async(fn, (task,)))
-            if len(pending) >= 2 * processes:
+            if len(pending) >= 4 * processes:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
