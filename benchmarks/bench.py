@@ -19,7 +19,7 @@ import torch
 
 from data.shards import BucketBatches
 from kiln.config import load_config
-from kiln.flow import flow_matching_loss
+from kiln.diffusion import diffusion_loss
 from kiln.generate import generate_latents
 from kiln.sampler import make_scheduler
 from stages import pretrain
@@ -56,7 +56,7 @@ def bare_chunk(cfg, model, batches):
         for _ in range(n):
             batch = batches[state["i"] % len(batches)]
             state["i"] += 1
-            loss, _, _ = flow_matching_loss(model, batch["latents"], batch["text_emb"], batch["text_mask"],
+            loss, _, _ = diffusion_loss(model, batch["latents"], batch["text_emb"], batch["text_mask"],
                                             cfg.objective, cfg.scheduler, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -24,8 +24,7 @@ import argparse
 import torch
 
 from kiln.config import load_config
-from kiln.flow import predict_velocity
-from kiln.models import build_transformer, count_parameters
+from kiln.models import build_backbone, count_parameters, predict
 
 GIB = 2**30
 
@@ -56,7 +55,7 @@ def fused_sdpa(query, key, value, **kwargs):
 def saved_activation_bytes(cfg, num_layers: int, resolution: int, text_tokens: int) -> int:
     """Bytes autograd keeps for backward in one bf16 forward of a num_layers-block model, batch 1 (meta tensors)."""
     model_cfg = cfg.model.model_copy(update={"num_layers": num_layers, "gradient_checkpointing": False})
-    model = build_transformer(model_cfg, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta").to(torch.bfloat16)
+    model = build_backbone(model_cfg, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta").to(torch.bfloat16)
     side = resolution // 16  # VAE 8x, then 2x2 patches
     x = torch.randn(1, side * side, cfg.vae.z_dim * 4, device="meta", dtype=torch.bfloat16)  # (1, N_img, C*4)
     text = torch.randn(1, text_tokens, cfg.text_encoder.dim, device="meta", dtype=torch.bfloat16)  # (1, L, D)
@@ -70,7 +69,7 @@ def saved_activation_bytes(cfg, num_layers: int, resolution: int, text_tokens: i
     torch.nn.functional.scaled_dot_product_attention = fused_sdpa
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            predict_velocity(model, x, torch.full((1,), 0.5, device="meta"), text, mask, (side, side))
+            predict(model, x, torch.full((1,), 0.5, device="meta"), text, mask, (side, side))
     finally:
         torch.nn.functional.scaled_dot_product_attention = SDPA
     return sum(saved.values())
@@ -88,10 +87,10 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.preset, args.overrides)
     mc = cfg.model
-    params = count_parameters(build_transformer(mc, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta"))
+    params = count_parameters(build_backbone(mc, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta"))
     one, two = (saved_activation_bytes(cfg, n, args.resolution, args.text_tokens) for n in (1, 2))
     per_block_act, rest_act = two - one, 2 * one - two
-    block_params = (params - count_parameters(build_transformer(
+    block_params = (params - count_parameters(build_backbone(
         mc.model_copy(update={"num_layers": 1}), cfg.vae.z_dim, cfg.text_encoder.dim, device="meta"))) / (mc.num_layers - 1)
     dim = mc.num_attention_heads * mc.attention_head_dim
     image_tokens = (args.resolution // 16) ** 2

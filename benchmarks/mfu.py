@@ -22,8 +22,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from kiln.config import load_config
-from kiln.flow import flow_matching_loss
-from kiln.models import build_transformer, count_parameters
+from kiln.diffusion import diffusion_loss
+from kiln.models import build_backbone, count_parameters
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -52,7 +52,7 @@ def main() -> None:
 
     cfg = load_config(args.preset, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_transformer(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim, device=device).train()
+    model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim, device=device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     side = args.resolution // 8  # the VAE downsamples 8x
     latents = torch.randn(args.batch, cfg.vae.z_dim, side, side, device=device)  # (B, C, H/8, W/8)
@@ -63,7 +63,7 @@ def main() -> None:
 
     def step():
         with autocast:
-            loss, _, _ = flow_matching_loss(model, latents, text, mask, cfg.objective, cfg.scheduler, generator)
+            loss, _, _ = diffusion_loss(model, latents, text, mask, cfg.objective, cfg.scheduler, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

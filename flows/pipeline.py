@@ -38,6 +38,7 @@ STAGE_SECTIONS = {
     "sft": ("seed", "sft", "model", "objective", "scheduler", "train", "text_encoder", "data.aspect_ratios"),
     "preference": ("preference", "sampler.negative_prompt", "scheduler", "eval.resolution", "data.holdout_seed"),
     "reward": ("seed", "reward"),
+    "features": ("seed", "features"),
     "dpo": ("seed", "dpo", "objective", "scheduler", "train.log_every"),
     "grpo": ("grpo", "sampler.negative_prompt", "scheduler", "data.holdout_seed", "train.checkpoint_every"),
 }

@@ -1,5 +1,6 @@
 """The `kiln` command: `kiln run` runs the pipeline flow, `kiln generate` writes PNGs from a stage's checkpoint,
-`kiln export` writes a stage's model as a diffusers folder, `kiln compare` tabulates runs from MLflow."""
+`kiln export` writes a stage's model as a diffusers folder, `kiln compare` tabulates runs from MLflow, `kiln
+compare-systems` trains and measures the diffusion systems (flows/systems.py)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,19 @@ def _compare(args) -> int:
     return 0
 
 
+def _compare_systems(args) -> int:
+    from kiln.config import load_config
+
+    for name in ("compare-base", *(args.systems or ())):  # a bad name or override fails before Prefect starts
+        load_config(name, args.overrides)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from flows.systems import compare_systems
+
+    result = compare_systems(systems=args.systems, steps=args.steps, overrides=args.overrides, run_name=args.run_name)
+    print(f"table: {result['table']}\nplot: {result['plot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Train Qwen-Image-style text-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--experiment", default="kiln", help="MLflow experiment (config `experiment`)")
     cmp.add_argument("--grid", default=None, help="also write a side-by-side sample grid to this .png")
     cmp.set_defaults(func=_compare)
+
+    systems = sub.add_parser("compare-systems", help="train and evaluate the diffusion systems (DDPM .. Qwen-Image) "
+                                                     "at several sampling-step counts (Prefect flow, MLflow)")
+    systems.add_argument("--systems", nargs="+", default=None, metavar="PRESET",
+                         help="system presets (default: ddpm sd1 sd2 dit sd3 qwen-image-tiny)")
+    systems.add_argument("--steps", nargs="+", type=int, default=None, metavar="N",
+                         help="sampling-step counts to evaluate (default: 5 10 25 50 250)")
+    systems.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY.PATH=VALUE",
+                         help="override a value in every system's config (repeatable)")
+    systems.add_argument("--run-name", default=None, help="folder name under run_dir and MLflow run name")
+    systems.set_defaults(func=_compare_systems)
     return parser
 
 

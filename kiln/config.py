@@ -160,18 +160,25 @@ class VaeConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """Arguments of diffusers' QwenImageTransformer2DModel."""
+    """The denoising backbone (kiln/models.py builds it with diffusers): Qwen-Image's MMDiT with MSRoPE, SD3's MMDiT,
+    a DiT with cross-attention to the text (PixArt-alpha's transformer) or a text-conditioned U-Net (SD1/SD2)."""
 
+    kind: Literal["qwen-image", "sd3", "dit", "unet"] = "qwen-image"
     patch_size: int = Field(2, gt=0)
     num_layers: int = Field(4, gt=0)
     num_attention_heads: int = Field(4, gt=0)
     attention_head_dim: int = Field(32, gt=0)
-    axes_dims_rope: list[int] = [8, 12, 12]
+    axes_dims_rope: list[int] = [8, 12, 12]  # qwen-image only: MSRoPE's frame, height and width dims
+    # unet only: channels per resolution level (each level halves the latent) and resnet blocks per level; the
+    # attention of every level but the lowest has num_attention_heads heads over the text.
+    block_out_channels: list[int] = [64, 128, 128]
+    layers_per_block: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _rope_fits_head(self) -> "ModelConfig":
-        if len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.attention_head_dim:
+        if self.kind == "qwen-image" and (len(self.axes_dims_rope) != 3
+                                          or sum(self.axes_dims_rope) != self.attention_head_dim):
             raise ValueError(
                 f"axes_dims_rope {self.axes_dims_rope} must be 3 numbers summing to attention_head_dim "
                 f"{self.attention_head_dim}"
@@ -190,6 +197,14 @@ class SchedulerConfig(Strict):
 
 
 class ObjectiveConfig(Strict):
+    """What the network learns to predict (kiln/diffusion.py). flow: the velocity noise - x0 of the straight path
+    x_t = (1 - t) x0 + t noise (rectified flow, Qwen-Image), t logit-normal then shifted. epsilon / v / x0: the noise,
+    v = alpha noise - sigma x0 (Salimans & Ho) or x0 on DDPM's variance-preserving process with beta_schedule,
+    t uniform over its train_timesteps steps. Every kind: unweighted MSE on its own target."""
+
+    kind: Literal["flow", "epsilon", "v", "x0"] = "flow"
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"  # VP kinds (diffusers' names)
+    train_timesteps: int = Field(1000, gt=1)  # VP kinds
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     caption_dropout: float = Field(0.1, ge=0, lt=1)
@@ -197,8 +212,12 @@ class ObjectiveConfig(Strict):
 
 
 class SamplerConfig(Strict):
+    # euler: the flow ODE (flow objective only); ddim: deterministic DDIM; ddpm: ancestral DDPM (kiln/sampler.py)
+    kind: Literal["euler", "ddim", "ddpm"] = "euler"
     steps: int = Field(30, gt=0)
     cfg: float = Field(4.0, ge=1.0)
+    # Qwen-Image's true CFG rescales the guided prediction per token to the conditional one's norm; plain CFG does not.
+    cfg_renorm: bool = True
     negative_prompt: str = ""
 
 
@@ -262,12 +281,23 @@ class TrainConfig(Strict):
 
 class EvalConfig(Strict):
     resolution: int | None = Field(None, gt=0)  # None: the resolution the evaluated stage trained at
+    splits: list[Literal["heldout", "train"]] = Field(["heldout", "train"], min_length=1)
     prompts_per_kind: int = Field(12, gt=0)
     images_per_prompt: int = Field(2, gt=0)
     steps: int = Field(30, gt=0)
     cfg: float = Field(4.0, ge=1.0)
     batch_size: int = Field(16, gt=0)
     seed: int = 0
+
+
+class FeaturesConfig(Strict):
+    """The feature network of the Frechet distance that `kiln compare-systems` reports (stages/features.py)."""
+
+    dim: int = Field(64, gt=1)
+    steps: int = Field(600, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
 
 
 POST_TRAINING_STAGES = ("sft", "preference", "reward", "dpo", "grpo")
@@ -394,6 +424,7 @@ class KilnConfig(Strict):
     sampler: SamplerConfig = SamplerConfig()
     train: TrainConfig
     eval: EvalConfig = EvalConfig()
+    features: FeaturesConfig = FeaturesConfig()
     # Post-training stages the pipeline runs after the last rung, in this order (any subset; dpo needs preference).
     post_training: list[Literal["sft", "preference", "reward", "dpo", "grpo"]] = list(POST_TRAINING_STAGES)
     sft: SftConfig = SftConfig()
@@ -423,6 +454,12 @@ class KilnConfig(Strict):
             raise ValueError("post_training: dpo needs the preference stage")
         if "reward" in post and "preference" not in post:
             raise ValueError("post_training: reward needs the preference stage")
+        if self.sampler.kind == "euler" and self.objective.kind != "flow":
+            raise ValueError(f"sampler.kind euler integrates the flow ODE: objective.kind {self.objective.kind!r} "
+                             f"needs ddim or ddpm")
+        needs_flow = [stage for stage in ("preference", "dpo", "grpo") if stage in post]
+        if needs_flow and self.objective.kind != "flow":
+            raise ValueError(f"post_training {needs_flow} need objective.kind flow (got {self.objective.kind!r})")
         if self.grpo.reward != "verifier" and "reward" not in post and not self.grpo.reward_model:
             raise ValueError(f"grpo.reward {self.grpo.reward!r} needs the reward stage or grpo.reward_model")
         return self
@@ -478,8 +515,17 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return overrides
 
 
-def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None) -> KilnConfig:
-    """Load a preset by name or YAML path, apply overrides, validate. Raises ConfigError with one line."""
+def _merge(base: dict, over: dict) -> dict:
+    """over's keys replace base's, recursing into sections (lists and values are replaced whole)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _preset_tree(preset: str, chain: tuple[str, ...] = ()) -> dict:
+    """A preset's YAML tree; `extends: NAME` at its top merges it over preset NAME (e.g. the compare-systems presets
+    share one base and differ only in model, objective and sampler)."""
     path = Path(preset)
     if not path.suffix:
         path = PRESET_DIR / f"{preset}.yaml"
@@ -489,6 +535,17 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if parent in chain:
+        raise ConfigError(f"config: presets extend each other in a loop: {' -> '.join((*chain, parent))}")
+    return _merge(_preset_tree(str(parent), (*chain, preset)), tree)
+
+
+def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None) -> KilnConfig:
+    """Load a preset by name or YAML path, apply overrides, validate. Raises ConfigError with one line."""
+    tree = _preset_tree(preset)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():

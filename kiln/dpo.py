@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.flow import pack, velocity_errors
+from kiln.flow import velocity_errors
+from kiln.models import pack
 
 
 def diffusion_dpo_loss(policy_chosen_err: torch.Tensor, policy_rejected_err: torch.Tensor,
@@ -44,7 +45,7 @@ def diffusion_dpo_loss(policy_chosen_err: torch.Tensor, policy_rejected_err: tor
 
 def flow_matching_errors(model, latents: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
                          noise: torch.Tensor) -> torch.Tensor:
-    """(B,) per-sample velocity MSE, exactly kiln.flow.flow_matching_loss's per-sample loss for a given t and noise.
+    """(B,) per-sample velocity MSE, exactly kiln.diffusion.diffusion_loss's per-sample loss for a given t and noise.
 
     latents, noise: (B, C, h, w) normalised x0 and its noise; text: (B, L, D); mask: (B, L); t: (B,) in [0, 1]."""
     _, _, h, w = latents.shape

@@ -1,4 +1,4 @@
-"""Rectified flow (the objective Qwen-Image trains with), plus the latent packing its transformer reads.
+"""Rectified flow's own pieces (the objective Qwen-Image trains with; kiln/diffusion.py holds all objectives).
 
 x_t = (1 - t) * x0 + t * noise, target velocity v = noise - x0, t ~ logit-normal then shifted toward noise by the
 same resolution-dependent exponential shift Qwen-Image's scheduler applies at sampling time.
@@ -10,19 +10,7 @@ import math
 
 import torch
 
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, C * 4): 2x2 latent patches as tokens, QwenImagePipeline's layout."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, h/2 * w/2, C * 4) -> (B, C, h, w); h, w are latent sizes."""
-    b, _, d = tokens.shape
-    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
-    return x.reshape(b, d // 4, h, w)
+from kiln.models import predict
 
 
 def calculate_shift(image_seq_len: int, sched) -> float:
@@ -43,24 +31,10 @@ def sample_timesteps(batch: int, image_seq_len: int, objective, sched, generator
     return time_shift(calculate_shift(image_seq_len, sched), t)
 
 
-def predict_velocity(model, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, grid):
-    """The only place that calls the backbone. x: (B, N, C*4) tokens, t: (B,) in [0, 1], text: (B, L, D),
-    mask: (B, L), grid: (h/2, w/2) token grid of this batch (MSRoPE reads one shape per batch)."""
-    img_shapes = [[(1, grid[0], grid[1])]] * x.shape[0]
-    return model(
-        hidden_states=x,
-        encoder_hidden_states=text,
-        encoder_hidden_states_mask=mask,
-        timestep=t.to(x.dtype),
-        img_shapes=img_shapes,
-        return_dict=False,
-    )[0]
-
-
 def drop_captions(text, mask, null_text, null_mask, p: float, generator=None, rows: slice | None = None,
                   global_batch: int | None = None):
     """Replace a fraction p of captions with the empty caption's embedding (for classifier-free guidance).
-    rows / global_batch: see flow_matching_loss."""
+    rows / global_batch: see kiln.diffusion.diffusion_loss."""
     if p <= 0:
         return text, mask
     b, length, _ = text.shape
@@ -82,25 +56,11 @@ def drop_captions(text, mask, null_text, null_mask, p: float, generator=None, ro
     return text, mask
 
 
-def flow_matching_loss(model, latents, text, mask, objective, sched, generator=None, rows: slice | None = None,
-                       global_batch: int | None = None):
-    """latents: (B, C, h, w) normalised x0. Returns (mean loss, per-sample loss (B,), t (B,)).
-    Data parallel: this process holds `rows` of a global batch of `global_batch` samples; t and noise are drawn for
-    the whole global batch and sliced, so N processes draw exactly what one process would."""
-    b, _, h, w = latents.shape
-    x0 = pack(latents)  # (B, N, C*4)
-    rows, total = (rows, global_batch) if rows is not None else (slice(0, b), b)
-    t = sample_timesteps(total, x0.shape[1], objective, sched, generator, latents.device)[rows]  # (B,)
-    noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[rows]
-    per_sample = velocity_errors(model, x0, noise, t, text, mask, (h // 2, w // 2))  # (B,)
-    return per_sample.mean(), per_sample, t
-
-
 def velocity_errors(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text, mask, grid) -> torch.Tensor:
     """(B,) per-sample MSE between the predicted velocity at x_t and the target noise - x0, for a given t and noise.
     x0, noise: (B, N, C*4) packed tokens; t: (B,). The objective's core, shared with Diffusion-DPO."""
     x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    pred = predict_velocity(model, x_t, t, text, mask, grid)
+    pred = predict(model, x_t, t, text, mask, grid)
     return (pred.float() - (noise - x0).float()).pow(2).mean(dim=(1, 2))
 
 

@@ -1,9 +1,11 @@
-"""Samplers: plain functions with one signature, `sampler(velocity_fn, x, sigmas, progress=False) -> x0`.
+"""Samplers: plain functions with one signature, `sampler(denoiser, x, times, progress=False, generator=None) -> x0`.
 
-`velocity_fn(x, sigma) -> v` hides the network and guidance. Sigma schedules come from diffusers'
-FlowMatchEulerDiscreteScheduler with Qwen-Image's shift settings, so sampling matches QwenImagePipeline.
-`sample_sde` (Flow-GRPO's exploration sampler) takes the same leading arguments and also returns the per-step
-log-probabilities and the trajectory that GRPO needs.
+`denoiser` (kiln.diffusion.Denoiser) hides the network, its parameterisation and guidance: `denoiser(x, t)` gives
+(x0, noise) estimates, `denoiser.velocity(x, t)` the flow's dx/dt. `times` runs from 1 (noise) down to 0 (data):
+for flow objectives the sigmas of diffusers' FlowMatchEulerDiscreteScheduler with Qwen-Image's shift settings (so
+sampling matches QwenImagePipeline), for VP objectives evenly spaced training steps. Samplers: Euler on the flow ODE,
+DDIM (deterministic), DDPM ancestral, and Flow-GRPO's SDE sampler (which also returns the per-step log-probabilities
+and the trajectory that GRPO needs).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
-from kiln.flow import calculate_shift, predict_velocity
+from kiln.diffusion import make_process
+from kiln.flow import calculate_shift
+from kiln.models import predict
 
 
 def make_scheduler(sched) -> FlowMatchEulerDiscreteScheduler:
@@ -39,22 +43,63 @@ def flow_sigmas(steps: int, image_seq_len: int, sched) -> torch.Tensor:
     return scheduler.sigmas.float()
 
 
-def sample_euler(velocity_fn, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = False) -> torch.Tensor:
-    """Euler ODE integration of dx/dsigma = v from sigmas[0] (noise) to sigmas[-1] (data). x: (B, N, D)."""
+def sampling_times(steps: int, image_seq_len: int, objective, sched) -> torch.Tensor:
+    """(steps + 1,) times from 1 (noise) to 0 (data) for this objective. VP: evenly spaced over its training steps
+    (DDIM's 'trailing' spacing: the first is the last training step), then 0 (clean)."""
+    if objective is None or objective.kind == "flow":
+        return flow_sigmas(steps, image_seq_len, sched)
+    process = make_process(objective)
+    if steps > process.steps:
+        raise ValueError(f"sampling steps {steps} > the objective's {process.steps} training steps")
+    times = process.grid(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)).float()
+    times[-1] = 0.0
+    return times
+
+
+def sample_euler(denoiser, x: torch.Tensor, times: torch.Tensor, progress: bool = False, generator=None):
+    """Euler integration of the flow ODE dx/dt = v from times[0] (noise) to times[-1] (data). x: (B, N, D)."""
     x = x.float()
-    for i in tqdm(range(len(sigmas) - 1), desc="sampling", disable=not progress, leave=False):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        v = velocity_fn(x, sigma).float()
-        x = x + (sigma_next - sigma) * v
+    for i in tqdm(range(len(times) - 1), desc="sampling", disable=not progress, leave=False):
+        t, t_next = times[i], times[i + 1]
+        x = x + (t_next - t) * denoiser.velocity(x, t)
     return x
 
 
-def guided_velocity(model, text, mask, null_text=None, null_mask=None, cfg: float = 1.0, grid=(1, 1)):
-    """velocity_fn for sample_euler with Qwen-Image's true CFG: the negative prompt gives the unconditional
-    branch, and the guided velocity is rescaled per token to the conditional one's norm.
-    text: (B, L, D), null_text: (B, L0, D); both branches run as one batch of 2B."""
+def sample_ddim(denoiser, x: torch.Tensor, times: torch.Tensor, progress: bool = False, generator=None,
+                eta: float = 0.0):
+    """DDIM (Song et al. 2021) on any process x_t = alpha x0 + sigma noise: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2)
+    noise + c z, with c^2 = eta^2 (sigma_s / sigma_t)^2 (sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2), the variance
+    of q(x_s | x_t, x0) scaled by eta^2. eta = 0: deterministic (on the flow process, exactly the Euler step);
+    eta = 1: DDPM's ancestral sampling."""
+    x = x.float()
+    process = denoiser.process
+    for i in tqdm(range(len(times) - 1), desc="sampling", disable=not progress, leave=False):
+        t, s = times[i], times[i + 1]
+        x0, noise = denoiser(x, t)
+        (alpha_t, sigma_t), (alpha_s, sigma_s) = process.alpha_sigma(t), process.alpha_sigma(s)
+        if eta > 0 and sigma_s > 0:
+            c2 = eta**2 * (sigma_s / sigma_t) ** 2 * (sigma_t**2 - (alpha_t / alpha_s) ** 2 * sigma_s**2)
+            c2 = c2.clamp(min=0.0)
+            z = torch.randn(x.shape, generator=generator, device=x.device)
+            x = alpha_s * x0 + (sigma_s**2 - c2).sqrt() * noise + c2.sqrt() * z
+        else:
+            x = alpha_s * x0 + sigma_s * noise
+    return x
+
+
+def sample_ddpm(denoiser, x: torch.Tensor, times: torch.Tensor, progress: bool = False, generator=None):
+    """DDPM's ancestral sampler (Ho et al. 2020): a draw from the posterior q(x_s | x_t, x0) every step."""
+    return sample_ddim(denoiser, x, times, progress, generator, eta=1.0)
+
+
+def guided_prediction(model, text, mask, null_text=None, null_mask=None, cfg: float = 1.0, grid=(1, 1),
+                      renorm: bool = True):
+    """fn(x, t) -> the network's output with classifier-free guidance: the negative prompt gives the unconditional
+    branch, guided = uncond + cfg (cond - uncond). renorm: Qwen-Image's true CFG, which rescales the guided output
+    per token to the conditional one's norm. text: (B, L, D), null_text: (B, L0, D); both branches run as one
+    batch of 2B."""
     if cfg <= 1.0 or null_text is None:
-        return lambda x, sigma: predict_velocity(model, x, sigma.expand(x.shape[0]), text, mask, grid)
+        return lambda x, t: predict(model, x, t.expand(x.shape[0]), text, mask, grid)
     length = max(text.shape[1], null_text.shape[1])
     pad = lambda e, m: (  # noqa: E731 - right-pad embeddings and mask to a common length
         torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[1])),
@@ -63,16 +108,16 @@ def guided_velocity(model, text, mask, null_text=None, null_mask=None, cfg: floa
     (text, mask), (null_text, null_mask) = pad(text, mask), pad(null_text, null_mask)
     both_text, both_mask = torch.cat([text, null_text]), torch.cat([mask, null_mask])  # (2B, L, D), (2B, L)
 
-    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x2 = torch.cat([x, x])  # (2B, N, D)
-        cond, uncond = predict_velocity(model, x2, sigma.expand(x2.shape[0]), both_text, both_mask, grid).chunk(2)
-        guided = uncond + cfg * (cond - uncond)
-        return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
+        cond, uncond = predict(model, x2, t.expand(x2.shape[0]), both_text, both_mask, grid).chunk(2)
+        out = uncond + cfg * (cond - uncond)
+        return out * (cond.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True)) if renorm else out
 
-    return velocity
+    return guided
 
 
-SAMPLERS = {"euler": sample_euler}
+SAMPLERS = {"euler": sample_euler, "ddim": sample_ddim, "ddpm": sample_ddpm}
 
 
 # --------------------------------------------------------------------------- SDE sampling for Flow-GRPO
@@ -136,19 +181,19 @@ def sde_step_log_prob(v, x, x_next, sigma, sigma_next, *, noise_level: float, si
     return gaussian_log_prob(x_next, mean, std), mean, std
 
 
-def sample_sde(velocity_fn, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = False, *, noise_level: float,
-               generator=None):
-    """Flow-GRPO SDE sampling from sigmas[0] (noise) to sigmas[-1] (data); sample_euler's leading signature.
+def sample_sde(denoiser, x: torch.Tensor, times: torch.Tensor, progress: bool = False, generator=None, *,
+               noise_level: float):
+    """Flow-GRPO SDE sampling from times[0] (noise) to times[-1] (data); the samplers' signature.
 
     x: (B, ...). Returns (x0 (B, ...), log_probs (B, steps), trajectory (B, steps + 1, ...)): trajectory[:, j] is
     the sample before step j and trajectory[:, j + 1] the one it drew, the pair whose log-prob GRPO re-evaluates.
     noise_level = 0 reproduces sample_euler (with NaN log-probs)."""
     x = x.float()
-    sigma_max = sigmas[1] if len(sigmas) > 1 else None
+    sigma_max = times[1] if len(times) > 1 else None
     trajectory, log_probs = [x], []
-    for i in tqdm(range(len(sigmas) - 1), desc="sampling (SDE)", disable=not progress, leave=False):
-        v = velocity_fn(x, sigmas[i]).float()
-        x, log_prob, _, _ = sde_step(v, x, sigmas[i], sigmas[i + 1], noise_level=noise_level, sigma_max=sigma_max,
+    for i in tqdm(range(len(times) - 1), desc="sampling (SDE)", disable=not progress, leave=False):
+        v = denoiser.velocity(x, times[i])
+        x, log_prob, _, _ = sde_step(v, x, times[i], times[i + 1], noise_level=noise_level, sigma_max=sigma_max,
                                      generator=generator)
         trajectory.append(x)
         log_probs.append(log_prob)

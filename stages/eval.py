@@ -1,15 +1,22 @@
 """Eval stage: generate for held-out and training compositions, check every image with the programmatic
-verifier, log per-category accuracy (colour, shape, count, relation), a verifier table and a labelled grid."""
+verifier, log per-category accuracy (colour, shape, count, relation), a verifier table and a labelled grid.
+
+Also measured: sampling throughput (images/s), a random-caption baseline (each image checked against the caption of
+another prompt of its split and kind, drawn at random: what a model that ignores the text but draws the evaluated
+distribution would score), and, given a features stage (`inputs["features"]`), the Frechet distance between the
+generated images and real renders of the same prompts on that stage's feature network."""
 
 from __future__ import annotations
 
 import random
+import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
-from data.synthetic import caption, eval_prompts, make_holdout
+from data.synthetic import caption, eval_prompts, make_holdout, render
 from kiln.generate import image_grid
 from kiln.stage_io import StageResult, hash_files
 from reward.verifier import verify
@@ -17,19 +24,21 @@ from stages.common import pick_device, write_json
 from stages.sampling import generate_for_captions, load_stage, vae_for
 
 CHECKS = ("colour", "shape", "count", "relation")
+REAL_PER_PROMPT = 4  # real renders per evaluated prompt for the Frechet distance's reference set
 
 
 def summarise(rows: list[dict]) -> dict[str, float]:
     """Rows of verdicts -> accuracies keyed eval/<split>/<kind>/<check> plus per-split means."""
     groups: dict[str, list[float]] = defaultdict(list)
     for row in rows:
-        for check in (*CHECKS, "correct", "colour_shape"):
+        for check in (*CHECKS, "correct", "colour_shape", "baseline_correct", "baseline_colour_shape"):
             value = row.get(check)
             if value is None:
                 continue
             groups[f"eval/{row['split']}/{row['kind']}/{check}"].append(float(value))
             groups[f"eval/{row['split']}/all/{check}"].append(float(value))
         groups[f"eval/{row['split']}/all/score"].append(row["score"])
+        groups[f"eval/{row['split']}/all/baseline_score"].append(row["baseline_score"])
     return {key: sum(values) / len(values) for key, values in sorted(groups.items())}
 
 
@@ -43,22 +52,28 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     holdout = make_holdout(cfg.data.holdout_seed)
     rng = random.Random(ecfg.seed)
     prompts = []  # (split, spec, caption)
-    for split in ("heldout", "train"):
+    for split in ecfg.splits:
         for spec in eval_prompts(holdout, split, ecfg.prompts_per_kind, ecfg.seed):
             prompts += [(split, spec, caption(spec, rng))] * ecfg.images_per_prompt
     captions = [p[2] for p in prompts]
-    images = []
+    images, started = [], time.perf_counter()
     for start in tqdm(range(0, len(captions), ecfg.batch_size), desc="eval", unit="batch"):
         images += generate_for_captions(
             cfg, model, vae, captions[start : start + ecfg.batch_size], width=resolution,
             height=resolution, steps=ecfg.steps, cfg_scale=ecfg.cfg, seed=ecfg.seed + start,
             batch_size=ecfg.batch_size)
+    images_per_s = len(images) / (time.perf_counter() - started)
 
+    baseline_rng = random.Random(ecfg.seed + 1)
+    by_group = defaultdict(list)  # (split, kind) -> captions
+    for split, spec, text in prompts:
+        by_group[split, spec.kind].append(text)
     rows = []
     samples = out_dir / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     for i, ((split, spec, text), image) in enumerate(zip(prompts, images)):
         verdict = verify(image, text)
+        baseline = verify(image, baseline_rng.choice(by_group[split, spec.kind]))
         name = f"{i:04d}-{split}-{spec.kind}.png"
         image.save(samples / name)
         rows.append({
@@ -67,8 +82,13 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
             "relation": verdict.relation, "correct": verdict.correct,
             "colour_shape": verdict.colour and verdict.shape,
             "score": sum(verdict.checks()) / len(verdict.checks()),  # the verifier's reward in [0, 1]
+            "baseline_correct": baseline.correct, "baseline_colour_shape": baseline.colour and baseline.shape,
+            "baseline_score": sum(baseline.checks()) / len(baseline.checks()),
         })
-    metrics = {**summarise(rows), "eval/resolution": resolution}
+    metrics = {**summarise(rows), "eval/resolution": resolution, "eval/images_per_s": images_per_s,
+               "eval/steps": ecfg.steps}
+    if inputs.get("features"):
+        metrics |= frechet_distances(cfg, Path(inputs["features"]), prompts, images, resolution, device)
     write_json(samples / "verifier.json", {"metrics": metrics, "rows": rows})
     labels = [f"{'ok' if r['correct'] else 'x'} {r['caption']}" for r in rows]
     step = ecfg.images_per_prompt
@@ -79,3 +99,23 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     tracker.log_image(grid, key="eval_grid", step=0)
     return StageResult("eval", out_dir, metrics, hash_files(samples))
 
+
+
+def frechet_distances(cfg, features_dir: Path, prompts, images, resolution: int, device) -> dict[str, float]:
+    """Per split, the Frechet distance between the generated images' features and those of REAL_PER_PROMPT real
+    renders of each of the same prompts (seeded, so every evaluation compares against the same real set)."""
+    from kiln.features import features_of, frechet_distance
+    from stages.features import load_feature_net
+    from stages.vae import image_tensor
+
+    net = load_feature_net(features_dir, device)
+    rng = random.Random(cfg.eval.seed)
+    out = {}
+    for split in cfg.eval.splits:
+        generated = [image_tensor(im) for (s, _, _), im in zip(prompts, images) if s == split]
+        real = [image_tensor(render(spec, resolution, resolution, rng)[0])
+                for s, spec, _ in prompts if s == split for _ in range(REAL_PER_PROMPT)]
+        fd = frechet_distance(features_of(net, torch.stack(generated).to(device)),
+                              features_of(net, torch.stack(real).to(device)))
+        out[f"eval/{split}/frechet_distance"] = fd
+    return out

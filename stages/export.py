@@ -30,6 +30,9 @@ def export_diffusers(stage_dir: Path, out_dir: Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"export: {out_dir} exists and is not empty; choose a new --out folder")
     cfg, model, vae_dir, meta = load_stage(Path(stage_dir))
+    if cfg.model.kind != "qwen-image" or cfg.objective.kind != "flow":
+        raise ValueError(f"export: a QwenImagePipeline folder needs a qwen-image model trained with the flow objective "
+                         f"(this stage: model.kind {cfg.model.kind!r}, objective.kind {cfg.objective.kind!r})")
     vae = load_vae(vae_dir, cfg.vae)
     pipe = QwenImagePipeline(scheduler=make_scheduler(cfg.scheduler), vae=vae, text_encoder=None, tokenizer=None,
                              transformer=model)

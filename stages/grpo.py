@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 from kiln import distributed
 from kiln.checkpoint import resolve_checkpoint
-from kiln.flow import unpack
+from kiln.diffusion import Denoiser, make_process
 from kiln.generate import initial_noise, to_pil
 from kiln.grpo import group_advantages, grpo_loss
+from kiln.models import unpack
 from kiln.preemption import Preempted, Preemption
-from kiln.sampler import flow_sigmas, guided_velocity, sample_sde, sde_mean_std, sde_step_log_prob
+from kiln.sampler import flow_sigmas, guided_prediction, sample_sde, sde_mean_std, sde_step_log_prob
 from kiln.stage_io import StageResult, hash_files
 from kiln.vae import decode_latents
 from stages.common import pick_device
@@ -119,9 +120,10 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
             # 1. Sample with the current policy, keeping the trajectory and its per-step log-probs.
             policy.model.eval()
             with torch.no_grad():
-                velocity = guided_velocity(policy.model, text, mask, null_b, null_mask_b, gcfg.cfg, grid)
+                velocity = guided_prediction(policy.model, text, mask, null_b, null_mask_b, gcfg.cfg, grid)
                 noise = initial_noise(len(captions), cfg.vae.z_dim, h, w, generator, device)  # (B, N, C*4)
-                x0, old_log_probs, trajectory = sample_sde(velocity, noise, sigmas, noise_level=gcfg.noise_level,
+                denoiser = Denoiser(velocity, "flow", make_process(None))
+                x0, old_log_probs, trajectory = sample_sde(denoiser, noise, sigmas, noise_level=gcfg.noise_level,
                                                            generator=generator)  # (B, N, D), (B, T), (B, T+1, N, D)
                 images = decode_latents(vae, unpack(x0, h, w))  # (B, 3, H, W)
                 rewards, parts = reward(images, captions)  # (B,)
@@ -134,13 +136,13 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
             for _ in range(gcfg.num_iterations):
                 for j in train_steps:
                     x_j, x_next = trajectory[:, j], trajectory[:, j + 1]
-                    v = guided_velocity(policy.model, text, mask, null_b, null_mask_b, gcfg.cfg, grid)(x_j, sigmas[j])
+                    v = guided_prediction(policy.model, text, mask, null_b, null_mask_b, gcfg.cfg, grid)(x_j, sigmas[j])
                     log_prob, mean, std = sde_step_log_prob(v, x_j, x_next, sigmas[j], sigmas[j + 1],
                                                             noise_level=gcfg.noise_level, sigma_max=sigma_max)
                     ref_mean = None
                     if gcfg.beta > 0:
                         with torch.no_grad():
-                            v_ref = guided_velocity(policy.reference, text, mask, null_b, null_mask_b, gcfg.cfg,
+                            v_ref = guided_prediction(policy.reference, text, mask, null_b, null_mask_b, gcfg.cfg,
                                                     grid)(x_j, sigmas[j])
                             ref_mean = sde_mean_std(v_ref, x_j, sigmas[j], sigmas[j + 1], noise_level=gcfg.noise_level,
                                                     sigma_max=sigma_max)[0]

@@ -14,7 +14,7 @@ import torch
 
 from kiln import distributed
 from kiln.checkpoint import latest_checkpoint, load_training_state, load_weights, resolve_checkpoint, save_training_state
-from kiln.models import build_transformer
+from kiln.models import build_backbone
 
 
 class Policy:
@@ -25,7 +25,7 @@ class Policy:
         self.ranks = distributed.ranks()
         self.device = device = distributed.device_for(torch.device(device), self.ranks)
         ckpt = resolve_checkpoint(init_dir)
-        self.model = build_transformer(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
+        self.model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
         load_weights(ckpt, self.model, "ema" if (ckpt / "ema.safetensors").exists() else "model")
         self.model.to(device).train()
         self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()

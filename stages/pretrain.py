@@ -22,8 +22,9 @@ from data.shards import BucketBatches, read_manifest
 from kiln import distributed
 from kiln.checkpoint import (latest_checkpoint, load_training_state, load_weights, resolve_checkpoint,
                              save_training_state)
-from kiln.flow import drop_captions, flow_matching_loss, loss_by_bucket
-from kiln.models import build_transformer, count_parameters, init_adaln_zero
+from kiln.diffusion import diffusion_loss
+from kiln.flow import drop_captions, loss_by_bucket
+from kiln.models import build_backbone, count_parameters, init_adaln_zero
 from kiln.preemption import Preempted, Preemption
 from kiln.stage_io import StageResult, hash_files
 from stages.common import load_uncond, pick_device
@@ -72,7 +73,7 @@ class Trainer:
         self.buckets = buckets
         self.latent_channels = cfg.vae.z_dim
         # From-scratch init; a resumed or continued rung then loads its weights over it.
-        model = build_transformer(cfg.model, self.latent_channels, cfg.text_encoder.dim)
+        model = build_backbone(cfg.model, self.latent_channels, cfg.text_encoder.dim)
         self.model = (init_adaln_zero(model) if cfg.train.init == "adaln_zero" else model).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.sharded = self.ranks.distributed and cfg.distributed.strategy == "fsdp"
@@ -121,8 +122,8 @@ class Trainer:
         text, mask = drop_captions(text, mask, self.null_text, self.null_mask,
                                    self.cfg.objective.caption_dropout, self.generator, **rows)
         with self.autocast:
-            loss, per_sample, t = flow_matching_loss(self.forward, latents, text, mask, self.cfg.objective,
-                                                     self.cfg.scheduler, self.generator, **rows)
+            loss, per_sample, t = diffusion_loss(self.forward, latents, text, mask, self.cfg.objective,
+                                                 self.cfg.scheduler, self.generator, **rows)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP all-reduces, FSDP2 reduce-scatters: gradients of the global batch mean
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.optim.grad_clip)
@@ -176,7 +177,7 @@ class Trainer:
         state = get_model_state_dict(self.ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.ranks.is_main:
             return None
-        ema = build_transformer(self.cfg.model, self.latent_channels, self.cfg.text_encoder.dim)
+        ema = build_backbone(self.cfg.model, self.latent_channels, self.cfg.text_encoder.dim)
         ema.load_state_dict(state)
         return ema.to(self.device).requires_grad_(False).eval()
 

@@ -14,7 +14,7 @@ from data.synthetic import caption, eval_prompts, make_holdout
 from kiln.checkpoint import load_weights, resolve_checkpoint
 from kiln.config import config_from_dict
 from kiln.generate import generate_images, image_grid
-from kiln.models import build_transformer
+from kiln.models import build_backbone
 from kiln.stage_io import read_stage_manifest
 from kiln.text_encoder import build_text_encoder
 from stages.vae import load_vae
@@ -52,7 +52,7 @@ def load_stage(stage_dir: Path, device="cpu", which: str = "ema"):
         raise FileNotFoundError(f"generate: no stage manifest.json at or above {ckpt}: pass a stage output folder")
     manifest = read_stage_manifest(manifest_dir)
     cfg = config_from_dict(manifest["config"])
-    model = build_transformer(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
+    model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
     has_ema = (ckpt / "ema.safetensors").exists()
     load_weights(ckpt, model, which if has_ema else "model")
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -74,6 +74,7 @@ def generate_for_captions(cfg, model, vae, captions: list[str], *, width, height
         text, mask = encoder(chunk)
         images += generate_images(model, vae, text, mask, null_text, null_mask, height=height, width=width,
                                   steps=steps, cfg=cfg_scale, sched=cfg.scheduler, generator=generator,
+                                  objective=cfg.objective, sampler=cfg.sampler.kind, cfg_renorm=cfg.sampler.cfg_renorm,
                                   progress=progress)
     return images
 

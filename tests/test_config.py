@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kiln.config import ConfigError, load_config, preset_names
-from kiln.models import build_transformer, count_parameters
+from kiln.models import build_backbone, count_parameters
 
 
 def test_presets_load():
@@ -48,7 +48,7 @@ def test_unknown_preset():
 def test_qwen_image_preset_is_20b_on_meta_device():
     """The published configuration, built without allocating a byte of weights."""
     cfg = load_config("qwen-image")
-    model = build_transformer(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta")
+    model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta")
     assert all(p.device.type == "meta" for p in model.parameters())
     assert model.config.num_layers == 60 and model.inner_dim == 3072 and model.config.joint_attention_dim == 3584
     assert model.config.in_channels == 64 and model.config.out_channels == 16
@@ -58,7 +58,7 @@ def test_qwen_image_preset_is_20b_on_meta_device():
 
 def test_tiny_model_builds():
     cfg = load_config("tiny")
-    model = build_transformer(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
+    model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
     x = torch.randn(2, 16, cfg.vae.z_dim * 4)
     out = model(hidden_states=x, encoder_hidden_states=torch.randn(2, 5, 384), timestep=torch.rand(2),
                 img_shapes=[[(1, 4, 4)]] * 2, return_dict=False)[0]

@@ -5,8 +5,9 @@ import math
 import torch
 
 from kiln.config import ObjectiveConfig, SchedulerConfig
-from kiln.flow import (calculate_shift, drop_captions, flow_matching_loss, loss_by_bucket, pack, sample_timesteps,
-                       time_shift, unpack)
+from kiln.diffusion import diffusion_loss
+from kiln.flow import calculate_shift, drop_captions, loss_by_bucket, sample_timesteps, time_shift
+from kiln.models import pack, unpack
 
 
 def test_pack_unpack_round_trip_and_layout():
@@ -55,7 +56,7 @@ def test_loss_is_velocity_mse_on_the_straight_path():
     x0 = torch.randn(3, 4, 4, 4)
     model = _Recorder(torch.zeros(1))
     g = torch.Generator().manual_seed(1)
-    loss, per_sample, t = flow_matching_loss(model, x0, torch.zeros(3, 2, 8), torch.ones(3, 2, dtype=torch.bool),
+    loss, per_sample, t = diffusion_loss(model, x0, torch.zeros(3, 2, 8), torch.ones(3, 2, dtype=torch.bool),
                                              ObjectiveConfig(), SchedulerConfig(), g)
     # Replay the same draws: t first, then the noise.
     g = torch.Generator().manual_seed(1)
@@ -69,7 +70,7 @@ def test_loss_is_velocity_mse_on_the_straight_path():
     # A perfect prediction has zero loss.
     perfect = _Recorder((noise - pack(x0)))
     perfect.forward = lambda hidden_states, timestep, **kw: ((noise - pack(x0)),)
-    loss0, _, _ = flow_matching_loss(perfect, x0, torch.zeros(3, 2, 8), torch.ones(3, 2, dtype=torch.bool),
+    loss0, _, _ = diffusion_loss(perfect, x0, torch.zeros(3, 2, 8), torch.ones(3, 2, dtype=torch.bool),
                                      ObjectiveConfig(), SchedulerConfig(), torch.Generator().manual_seed(1))
     assert loss0.item() < 1e-10
 
@@ -91,16 +92,15 @@ def test_loss_by_bucket():
 
 def test_adaln_zero_init_starts_at_zero_velocity_and_still_learns():
     from kiln.config import load_config
-    from kiln.flow import predict_velocity
-    from kiln.models import build_transformer, init_adaln_zero
+    from kiln.models import build_backbone, init_adaln_zero, predict
 
     torch.manual_seed(0)
-    model = init_adaln_zero(build_transformer(load_config("smoke").model, latent_channels=4, text_dim=384))
+    model = init_adaln_zero(build_backbone(load_config("smoke").model, latent_channels=4, text_dim=384))
     x, text = torch.randn(2, 16, 16), torch.randn(2, 5, 384)
     mask = torch.ones(2, 5, dtype=torch.bool)
-    out = predict_velocity(model, x, torch.tensor([0.3, 0.8]), text, mask, (4, 4))
+    out = predict(model, x, torch.tensor([0.3, 0.8]), text, mask, (4, 4))
     assert out.shape == x.shape and torch.count_nonzero(out) == 0
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     (out - 1).square().mean().backward()
     opt.step()
-    assert torch.count_nonzero(predict_velocity(model, x, torch.tensor([0.3, 0.8]), text, mask, (4, 4))) > 0
+    assert torch.count_nonzero(predict(model, x, torch.tensor([0.3, 0.8]), text, mask, (4, 4))) > 0

@@ -11,9 +11,11 @@ from torch import nn
 
 from kiln.config import ModelConfig, ObjectiveConfig, SchedulerConfig
 from kiln.dpo import diffusion_dpo_batch_loss, diffusion_dpo_loss, flow_matching_errors
-from kiln.flow import flow_matching_loss, sample_timesteps, unpack
+from kiln.diffusion import Denoiser, diffusion_loss, make_process
+from kiln.flow import sample_timesteps
+from kiln.models import unpack
 from kiln.grpo import clipped_policy_loss, gaussian_kl, group_advantages, grpo_loss
-from kiln.models import build_transformer
+from kiln.models import build_backbone
 from kiln.sampler import sample_euler, sample_sde, sde_mean_std, sde_step, sde_step_log_prob
 from reward.model import RewardModel, bradley_terry_loss, pairwise_accuracy
 
@@ -57,7 +59,7 @@ def test_dpo_gradient_lowers_loss_when_policy_improves_on_winner():
 def _tiny_transformer(seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(num_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=[4, 6, 6])
-    return build_transformer(cfg, latent_channels=4, text_dim=8).eval()
+    return build_backbone(cfg, latent_channels=4, text_dim=8).eval()
 
 
 def test_dpo_errors_follow_the_flow_objective_and_reference_gives_log2():
@@ -66,13 +68,13 @@ def test_dpo_errors_follow_the_flow_objective_and_reference_gives_log2():
     chosen, rejected = torch.randn(b, 4, 4, 6, generator=g), torch.randn(b, 4, 4, 6, generator=g)
     text, mask = torch.randn(b, 5, 8, generator=g), torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 2 + [0] * 3]).bool()
 
-    # flow_matching_errors is flow_matching_loss's per-sample loss: replay its draws (t first, then packed noise).
+    # flow_matching_errors is diffusion_loss's per-sample loss: replay its draws (t first, then packed noise).
     obj, sched = ObjectiveConfig(), SchedulerConfig()
     with torch.no_grad():
-        _, per_sample, t = flow_matching_loss(model, chosen, text, mask, obj, sched, torch.Generator().manual_seed(5))
+        _, per_sample, t = diffusion_loss(model, chosen, text, mask, obj, sched, torch.Generator().manual_seed(5))
         replay = torch.Generator().manual_seed(5)
         t2 = sample_timesteps(b, 6, obj, sched, replay)
-        noise = unpack(torch.randn((b, 6, 16), generator=replay), 4, 6)  # drawn packed, as flow_matching_loss does
+        noise = unpack(torch.randn((b, 6, 16), generator=replay), 4, 6)  # drawn packed, as diffusion_loss does
         errors = flow_matching_errors(model, chosen, text, mask, t2, noise)
     assert torch.equal(t, t2)
     assert torch.allclose(errors, per_sample, atol=1e-6)
@@ -150,7 +152,7 @@ def test_sample_sde_log_probs_trajectory_and_euler_limit():
     model, sigmas = _ToyVelocity(), torch.linspace(1, 0, 6)
     noise = torch.randn(4, 1, 2)
     with torch.no_grad():
-        x0, log_probs, traj = sample_sde(model, noise, sigmas, noise_level=0.7,
+        x0, log_probs, traj = sample_sde(_flow(model), noise, sigmas, noise_level=0.7,
                                          generator=torch.Generator().manual_seed(1))
         assert x0.shape == (4, 1, 2) and log_probs.shape == (4, 5) and traj.shape == (4, 6, 1, 2)
         assert torch.equal(traj[:, 0], noise) and torch.equal(traj[:, -1], x0)
@@ -160,12 +162,17 @@ def test_sample_sde_log_probs_trajectory_and_euler_limit():
                                          sigmas[j + 1], noise_level=0.7, sigma_max=sigmas[1])
             assert torch.allclose(lp, log_probs[:, j], atol=1e-6)
         # No noise: the SDE sampler is the Euler ODE sampler.
-        ode = sample_euler(model, noise, sigmas)
-        sde, _, _ = sample_sde(model, noise, sigmas, noise_level=0.0, generator=torch.Generator().manual_seed(1))
+        ode = sample_euler(_flow(model), noise, sigmas)
+        sde, _, _ = sample_sde(_flow(model), noise, sigmas, noise_level=0.0, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(sde, ode, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- GRPO objective
+
+
+def _flow(velocity_fn):
+    """A velocity function as the samplers' denoiser."""
+    return Denoiser(velocity_fn, "flow", make_process(None))
 
 
 def test_group_advantages():
@@ -219,15 +226,15 @@ def test_grpo_update_moves_samples_toward_the_rewarded_colour():
 
     @torch.no_grad()
     def mean_reward():
-        sde = sample_sde(model, eval_noise, sigmas, noise_level=noise_level,
+        sde = sample_sde(_flow(model), eval_noise, sigmas, noise_level=noise_level,
                          generator=torch.Generator().manual_seed(7))[0]
-        return _redness(sde).mean().item(), _redness(sample_euler(model, eval_noise, sigmas)).mean().item()
+        return _redness(sde).mean().item(), _redness(sample_euler(_flow(model), eval_noise, sigmas)).mean().item()
 
     before_sde, before_ode = mean_reward()
     g = torch.Generator().manual_seed(1)
     for _ in range(12):
         with torch.no_grad():  # rollouts: 4 "prompts" x 8 generations
-            x0, old_log_probs, traj = sample_sde(model, torch.randn(32, 1, 2, generator=g), sigmas,
+            x0, old_log_probs, traj = sample_sde(_flow(model), torch.randn(32, 1, 2, generator=g), sigmas,
                                                  noise_level=noise_level, generator=g)
         advantages = group_advantages(_redness(x0), num_generations=8)
         for j in range(steps):  # one optimizer step per timestep, as Flow-GRPO does

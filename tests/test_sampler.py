@@ -4,9 +4,9 @@ import numpy as np
 import torch
 from diffusers import QwenImagePipeline
 
-from kiln.flow import unpack
 from kiln.generate import generate_images, generate_latents, to_pil
-from kiln.models import build_transformer
+from kiln.models import build_backbone, unpack
+from kiln.diffusion import Denoiser, make_process
 from kiln.sampler import flow_sigmas, make_scheduler, sample_euler
 from kiln.vae import build_vae
 
@@ -22,14 +22,14 @@ def test_euler_is_exact_for_straight_paths():
     """With the true velocity of a straight path, Euler lands on x0 in any number of steps."""
     x0, noise = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
     for steps in (1, 3, 10):
-        out = sample_euler(lambda x, s: noise - x0, noise.clone(), torch.linspace(1, 0, steps + 1))
+        out = sample_euler(Denoiser(lambda x, s: noise - x0, "flow", make_process(None)), noise.clone(), torch.linspace(1, 0, steps + 1))
         assert torch.allclose(out, x0, atol=1e-5)
 
 
 def test_same_image_as_qwen_image_pipeline(smoke_config, text_encoder):
     cfg = smoke_config
     torch.manual_seed(0)
-    model = build_transformer(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim).eval()
+    model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim).eval()
     vae = build_vae(cfg.vae).eval()
     text, mask = text_encoder(["a red circle", "three blue squares"])
     null, null_mask = text_encoder(["a blurry picture"])
@@ -63,7 +63,7 @@ def test_same_image_as_qwen_image_pipeline(smoke_config, text_encoder):
 def test_cfg_changes_the_result(smoke_config, text_encoder):
     cfg = smoke_config
     torch.manual_seed(0)
-    model = build_transformer(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim).eval()
+    model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim).eval()
     text, mask = text_encoder(["a red circle"])
     null, null_mask = text_encoder([""])
     run = lambda scale: generate_latents(model, text, mask, null, null_mask, height=32, width=32, steps=3,  # noqa

@@ -1,0 +1,71 @@
+"""Features stage: train the feature network of the Frechet distance (kiln/features.py) on the data stage's real
+images, labelled by parsing their captions, and report how well it names held-back images' contents (a feature
+network that cannot tell scenes apart would make the distance meaningless)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from data.shards import iter_samples
+from data.synthetic import parse_caption
+from kiln.features import FeatureNet, scene_labels
+from kiln.stage_io import StageResult, hash_files
+from stages.common import pick_device
+from stages.vae import image_tensor
+
+
+def load_feature_net(features_dir: Path, device="cpu") -> FeatureNet:
+    """A features stage's output folder -> the trained FeatureNet (eval mode, frozen)."""
+    features_dir = Path(features_dir)
+    arch_file = features_dir / "feature_net.json"
+    if not arch_file.exists():
+        raise FileNotFoundError(f"features: no feature network at {features_dir} (feature_net.json missing): "
+                                "run the features stage first")
+    net = FeatureNet(json.loads(arch_file.read_text())["dim"])
+    net.load_state_dict(load_file(str(features_dir / "feature_net.safetensors")))
+    return net.to(device).eval().requires_grad_(False)
+
+
+def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
+    out_dir, fcfg = Path(out_dir), cfg.features
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    images, present, objects, kinds = [], [], [], []
+    for sample in iter_samples(Path(inputs["data"]) / "shards", load_images=True):
+        labels = scene_labels(parse_caption(sample["caption"]))
+        images.append(image_tensor(sample["image"].resize((64, 64))))  # FeatureNet's input size
+        present.append(labels[0])
+        objects.append(labels[1])
+        kinds.append(labels[2])
+    images, present = torch.stack(images), torch.stack(present)  # (N, 3, 64, 64), (N, pairs)
+    objects, kinds = torch.tensor(objects), torch.tensor(kinds)
+    order = torch.randperm(len(images))
+    n_val = max(1, int(len(images) * fcfg.val_fraction))
+    val, train = order[:n_val], order[n_val:]
+
+    net = FeatureNet(fcfg.dim).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=fcfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for step in tqdm(range(1, fcfg.steps + 1), desc="features", unit="step"):
+        rows = train[torch.randint(len(train), (fcfg.batch_size,), generator=generator)]
+        loss, right = net.loss(images[rows].to(device), present[rows].to(device), objects[rows].to(device),
+                               kinds[rows].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == fcfg.steps:
+            tracker.log_metrics({"features/loss": loss.item(), "features/train_all_right": right.item()}, step=step)
+    net.eval()
+    with torch.no_grad():
+        _, val_right = net.loss(images[val].to(device), present[val].to(device), objects[val].to(device),
+                                kinds[val].to(device))
+    save_file(net.state_dict(), str(out_dir / "feature_net.safetensors"))
+    (out_dir / "feature_net.json").write_text(json.dumps({"dim": fcfg.dim}))
+    metrics = {"features/val_all_right": val_right.item(), "features/val_images": n_val}
+    tracker.log_metrics(metrics)
+    return StageResult("features", out_dir, metrics, hash_files(out_dir, "feature_net.*"))
