@@ -72,7 +72,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    root = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(root).all():  # near-singular product: nudge both covariances, as pytorch-fid does
         eps = 1e-6 * np.eye(len(cov_a))
         root = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))

@@ -60,3 +60,14 @@ def test_compare_systems_smoke(prefect_harness, tmp_path, monkeypatch):
             return {a.key for a in await prefect.read_artifacts()}
 
     assert {"compare-systems", "compare-systems-table"} <= asyncio.run(artifact_keys())
+
+
+def test_frechet_distance_is_zero_for_the_same_set_and_the_squared_shift_for_a_moved_one():
+    import numpy as np
+
+    from kiln.features import frechet_distance
+
+    a = np.random.default_rng(0).normal(size=(200, 8))
+    assert abs(frechet_distance(a, a)) < 1e-6
+    assert frechet_distance(a, a + 0.5) == pytest.approx(8 * 0.25, rel=1e-6)  # same covariance: |mu shift|^2
+    assert frechet_distance(a, 2 * a) > 1.0  # a wider spread is further away
