@@ -28,6 +28,7 @@ class Process:
         if kind == "vp":  # alpha_bar at t = i / T for i = 0..T (i = 0: clean)
             self.alpha_bar = torch.cat([torch.ones(1), alphas_cumprod.double()])
             self.steps = len(alphas_cumprod)
+            self._on_device: dict[torch.device, torch.Tensor] = {}  # the table per device, copied once
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t: any shape -> alpha, sigma of the same shape (float32)."""
@@ -35,7 +36,10 @@ class Process:
         if self.kind == "flow":
             return 1 - t, t
         index = (t.double() * self.steps).round().long().clamp(0, self.steps)
-        alpha_bar = self.alpha_bar.to(t.device)[index]
+        table = self._on_device.get(t.device)
+        if table is None:
+            table = self._on_device[t.device] = self.alpha_bar.to(t.device)
+        alpha_bar = table[index]
         return alpha_bar.sqrt().float(), (1 - alpha_bar).sqrt().float()
 
     def grid(self, t: torch.Tensor) -> torch.Tensor:
@@ -46,17 +50,18 @@ class Process:
 
 
 @functools.lru_cache(maxsize=8)
-def _alphas_cumprod(beta_schedule: str, steps: int) -> torch.Tensor:
+def _vp_process(beta_schedule: str, steps: int) -> Process:
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=steps, beta_schedule=beta_schedule).alphas_cumprod.clone()
+    return Process("vp", DDPMScheduler(num_train_timesteps=steps, beta_schedule=beta_schedule).alphas_cumprod.clone())
 
 
 def make_process(objective) -> Process:
-    """The forward process of an ObjectiveConfig (None: rectified flow)."""
+    """The forward process of an ObjectiveConfig (None: rectified flow); built once per schedule, since the training
+    step and every sampling step ask for it."""
     if objective is None or objective.kind == "flow":
         return Process("flow")
-    return Process("vp", _alphas_cumprod(objective.beta_schedule, objective.train_timesteps))
+    return _vp_process(objective.beta_schedule, objective.train_timesteps)
 
 
 def _per_row(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
