@@ -35,7 +35,7 @@ import os
 import random
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -91,14 +91,6 @@ def _one_line(exn: BaseException) -> str:
     return f"{type(exn).__name__}: {text[0] if text else ''}"
 
 
-def _sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def content_hash(shard_hashes: Iterable[str]) -> str:
     """One hash for the whole dataset: independent of shard naming and write order of buckets."""
     return hashlib.sha256("\n".join(sorted(shard_hashes)).encode()).hexdigest()
@@ -124,11 +116,14 @@ def _npy_bytes(name: str, value) -> bytes:
     return buffer.getvalue()
 
 
-def _end_archive(file: io.BufferedWriter) -> None:
-    """Two zero blocks, then zeros to a whole tar record, as tarfile ends an archive; closes the file."""
+def _end_archive(file: io.BufferedWriter) -> bytes:
+    """Two zero blocks, then zeros to a whole tar record, as tarfile ends an archive; closes the file and returns
+    what it wrote."""
     end = file.tell() + 2 * tarfile.BLOCKSIZE
-    file.write(b"\0" * (end + -end % tarfile.RECORDSIZE - file.tell()))
+    tail = b"\0" * (end + -end % tarfile.RECORDSIZE - file.tell())
+    file.write(tail)
     file.close()
+    return tail
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -193,6 +188,9 @@ class _OpenShard:
     final_path: Path
     relpath: str
     count: int = 0
+    # The shard's sha256, fed as its bytes are written: reading each finished shard back to hash it cost the writing
+    # process a second pass over everything (at the end of a run, with every worker already done).
+    digest: object = field(default_factory=hashlib.sha256)
 
 
 class ShardWriter:
@@ -249,6 +247,7 @@ class ShardWriter:
             raise ValueError(f"duplicate sample key {sample.key!r}")
         shard = self._open.get(sample.bucket) or self._start_shard(sample.bucket)
         shard.file.write(sample.tar_bytes)
+        shard.digest.update(sample.tar_bytes)
         shard.count += 1
         self._keys.add(sample.key)
         self._fields.update(sample.tensor_fields)
@@ -266,9 +265,9 @@ class ShardWriter:
 
     def _finish_shard(self, bucket: Bucket) -> None:
         shard = self._open.pop(bucket)
-        _end_archive(shard.file)
+        shard.digest.update(_end_archive(shard.file))
         os.replace(shard.tmp_path, shard.final_path)
-        sha = _sha256_of_file(shard.final_path)
+        sha = shard.digest.hexdigest()
         self._finished.setdefault(bucket, []).append((shard.relpath, shard.count, sha))
 
     def close(self) -> dict:

@@ -118,6 +118,25 @@ def test_a_wrong_column_name_is_one_line_naming_the_columns(folder, tmp_path):
     assert "\n" not in message and "no column 'text'" in message and "caption" in message and "image" in message
 
 
+def test_an_image_folder_opened_by_its_metadata_gives_the_records_of_the_whole_listing(folder, tmp_path):
+    """An image folder with metadata opens by its metadata files alone (datasets then need not resolve every image
+    before the first record): the same rows as listing every file; a folder without metadata still lists its files."""
+    from datasets import Image as ImageFeature, load_dataset
+
+    from data.sources import _imagefolder_patterns, iter_unit
+    from kiln.config import SourceConfig
+
+    src = SourceConfig(kind="imagefolder", path=str(folder), category_column="kind")
+    assert _imagefolder_patterns(folder, str(folder)) == [f"{folder}/**/metadata.jsonl"]
+    listed = load_dataset("imagefolder", data_files={"train": f"{folder}/**"}, split="train", streaming=True)
+    listed = listed.cast_column("image", ImageFeature(decode=False))
+    assert ([(r["image_path"], r["caption"], r["category"]) for r in iter_unit(src, str(folder), "t")]
+            == [(row["image"]["path"], row["caption"], row["kind"]) for row in listed])
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert _imagefolder_patterns(bare, str(bare)) == f"{bare}/**"
+
+
 def test_a_corrupt_file_mid_source_is_counted_named_and_skipped(tmp_path):
     import pandas as pd
 
