@@ -24,7 +24,7 @@ from kiln.stage_io import read_stage_manifest
 from kiln.tracking import start_run
 
 SYSTEMS = ("ddpm", "sd1", "sd2", "dit", "sd3", "qwen-image-tiny")
-STEP_COUNTS = (5, 10, 25, 50, 250)
+STEP_COUNTS = (5, 10, 25, 50, 100)
 # What every system must share with the base (besides what the stages' cache keys already cover).
 SHARED = ("data", "text_encoder", "vae", "train", "features", "seed")
 # The columns of the comparison: label -> eval metric.

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     systems.add_argument("--systems", nargs="+", default=None, metavar="PRESET",
                          help="system presets (default: ddpm sd1 sd2 dit sd3 qwen-image-tiny)")
     systems.add_argument("--steps", nargs="+", type=int, default=None, metavar="N",
-                         help="sampling-step counts to evaluate (default: 5 10 25 50 250)")
+                         help="sampling-step counts to evaluate (default: 5 10 25 50 100)")
     systems.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY.PATH=VALUE",
                          help="override a value in every system's config (repeatable)")
     systems.add_argument("--run-name", default=None, help="folder name under run_dir and MLflow run name")

@@ -173,6 +173,11 @@ class ModelConfig(Strict):
     # attention of every level but the lowest has num_attention_heads heads over the text.
     block_out_channels: list[int] = [64, 128, 128]
     layers_per_block: int = Field(1, gt=0)
+    # unet only: diffusers' GroupNorm + SiLU before the output conv. It fixes each output channel's spatial mean per
+    # sample, which an epsilon-predicting U-Net must copy from its input at high noise (error x 1/alpha_T): on 8x8
+    # latents that mean alone made SD1-style samples flat colour fields (docs/evolution.md). False drops it, so the
+    # resnets' skip path carries the mean from input to output.
+    unet_output_norm: bool = True
     gradient_checkpointing: bool = False
 
     @model_validator(mode="after")

@@ -62,7 +62,7 @@ class FeatureNet(nn.Module):
 def features_of(net: FeatureNet, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     """(N, 3, H, W) in [-1, 1] -> (N, dim) float64 features."""
     net.eval()
-    return torch.cat([net(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]).double().numpy()
+    return torch.cat([net(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]).double().cpu().numpy()
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -68,6 +68,8 @@ def build_backbone(model_cfg, latent_channels: int, text_dim: int, device: str |
                 cross_attention_dim=text_dim,
                 attention_head_dim=heads,  # diffusers' historical name: the number of heads
                 norm_num_groups=_groups(model_cfg.block_out_channels))
+            if not model_cfg.unet_output_norm:  # diffusers' forward skips norm and activation when this is None
+                model.conv_norm_out = model.conv_act = None
     if model_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from kiln.config import ModelConfig, ObjectiveConfig, load_config
 from kiln.diffusion import Denoiser, diffusion_loss, make_process, target, to_x0_noise
-from kiln.models import build_backbone, predict
+from kiln.models import build_backbone, pack, predict, unpack
 from kiln.sampler import SAMPLERS, sample_ddim, sample_euler, sampling_times
 
 KINDS = ("flow", "epsilon", "v", "x0")
@@ -121,6 +121,25 @@ def test_every_backbone_predicts_packed_tokens_and_ignores_padding(kind):
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert torch.allclose(out, again, atol=1e-5)  # what lies under the mask does not matter
 
+
+
+def test_unet_without_output_norm_passes_channel_offsets_through():
+    """An epsilon U-Net must copy each channel's spatial mean from its input at high noise; diffusers' output
+    GroupNorm (one channel per group here) pins that mean, the option that drops it lets the skip path carry it."""
+    x, offset = torch.randn(4, 8, 8, 8), torch.randn(4, 8, 1, 1)  # (B, C, h, w) latents, per-channel shifts
+    text, mask = torch.randn(4, 5, 24), torch.ones(4, 5, dtype=torch.bool)
+    change = {}
+    for output_norm in (True, False):
+        torch.manual_seed(0)
+        cfg = ModelConfig(kind="unet", block_out_channels=[32, 64], num_attention_heads=2,
+                          unet_output_norm=output_norm)
+        model = build_backbone(cfg, latent_channels=8, text_dim=24).eval()
+        with torch.no_grad():
+            outs = [unpack(predict(model, pack(z), torch.full((4,), 0.5), text, mask, (4, 4)), 8, 8)
+                    for z in (x, x + offset)]
+        change[output_norm] = (outs[1] - outs[0]).mean(dim=(2, 3)).std().item()  # output channel-mean shift
+    assert model.conv_norm_out is None
+    assert change[False] > 4 * change[True], change
 
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_every_system_preset_learns_a_fixed_batch(system):
