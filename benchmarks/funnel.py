@@ -2,11 +2,13 @@
 caption embeddings) with worker processes on every core against the same work in one process, at two dataset sizes.
 
 python benchmarks/funnel.py [--sizes 1000 4000] [--image-size 256] [--procs 2] [--kind imagefolder|webdataset]
+                            [--repeats 3]
 
 Writes a planted image folder per size (JPEGs of random sharp blocks; 1 in 20 blank, 1 in 20 a near duplicate; with
 --kind webdataset the same images packed into tar shards of 500), then
-runs each (size, processes) case in a fresh Python process and prints samples/s, the ratio to one process at the
-same size (measured in this run), and peak resident memory of the main process and of the largest worker (the
+runs each (size, processes) case in a fresh Python process, --repeats times with the cases alternating (1, N, 1,
+N, ...: a slow spell of this shared machine hits both), and prints the median seconds and samples/s, the ratio of
+the medians to one process at the same size (measured in this run), the range of the per-repeat ratios, and peak resident memory of the main process and of the largest worker (the
 sources stream, so neither should grow with the dataset). Both cases run the same code (data/curate.py with
 num_proc 1 or N); the clock starts after the imports and the text encoder are loaded and covers everything else:
 opening the source, the operators, the duplicate checks, caption embeddings, the shards and the manifest.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +77,7 @@ def one_case(path: str, out: str, procs: int, kind: str) -> dict:
     seconds = time.perf_counter() - started
     report = funnel.report()
     return {"seconds": seconds, "seen": report["seen"], "kept": report["kept"],
+            "content_hash": json.loads((Path(out) / "manifest.json").read_text())["content_hash"],
             "main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
@@ -84,6 +88,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--kind", choices=["imagefolder", "webdataset"], default="imagefolder")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one", nargs=3, metavar=("PATH", "OUT", "PROCS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -98,21 +103,32 @@ def main() -> None:
             if args.kind == "webdataset":
                 source = Path(tmp) / f"tars-{n}"
                 pack_tars(folder, source)
-            results = {}
-            for procs in (1, args.procs):
-                out = Path(tmp) / f"out-{n}-{procs}" / "shards"
-                line = subprocess.run([sys.executable, __file__, "--one", str(source), str(out), str(procs),
-                                       "--kind", args.kind],
-                                      check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-                results[procs] = json.loads(line)
-            for procs, r in results.items():
-                rows.append((n, procs, r, results[1]["seconds"] / r["seconds"]))
+            runs = {1: [], args.procs: []}
+            for repeat in range(args.repeats):
+                for procs in runs:
+                    out = Path(tmp) / f"out-{n}-{procs}-{repeat}" / "shards"
+                    line = subprocess.run([sys.executable, __file__, "--one", str(source), str(out), str(procs),
+                                           "--kind", args.kind], check=True, capture_output=True,
+                                          text=True).stdout.strip().splitlines()[-1]
+                    runs[procs].append(json.loads(line))
+            hashes = {r["content_hash"] for results in runs.values() for r in results}
+            if len(hashes) != 1:
+                raise SystemExit(f"{n} samples: the shards differ between runs or process counts: {sorted(hashes)}")
+            base = statistics.median(r["seconds"] for r in runs[1])
+            for procs, results in runs.items():
+                seconds = statistics.median(r["seconds"] for r in results)
+                paired = [one["seconds"] / r["seconds"] for one, r in zip(runs[1], results)]
+                rows.append((n, procs, results[0]["kept"], results[0]["seen"], seconds, base / seconds, paired,
+                             max(r["main_mb"] for r in results), max(r["worker_mb"] for r in results)))
     print(f"\ncuration funnel, {args.image_size} px JPEGs ({args.kind}), tiny preset (64 and 128 px rungs):")
+    print(f"median of {args.repeats} runs per case; 'range' is the lowest and highest ratio of one run pair; "
+          f"every run wrote byte-identical shards")
     print(f"{'samples':>8} {'procs':>5} {'kept':>6} {'seconds':>8} {'samples/s':>10} {'vs 1 proc':>9} "
-          f"{'main MB':>8} {'worker MB':>9}")
-    for n, procs, r, ratio in rows:
-        print(f"{n:>8} {procs:>5} {r['kept']:>6} {r['seconds']:>8.1f} {r['seen'] / r['seconds']:>10.1f} "
-              f"{ratio:>8.2f}x {r['main_mb']:>8.0f} {r['worker_mb']:>9.0f}")
+          f"{'range':>11} {'main MB':>8} {'worker MB':>9}")
+    for n, procs, kept, seen, seconds, ratio, paired, main_mb, worker_mb in rows:
+        spread = f"{min(paired):.2f}-{max(paired):.2f}"
+        print(f"{n:>8} {procs:>5} {kept:>6} {seconds:>8.2f} {seen / seconds:>10.1f} {ratio:>8.2f}x {spread:>11} "
+              f"{main_mb:>8.0f} {worker_mb:>9.0f}")
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ class EncodedSample:
     bucket: Bucket
     key: str
     tensor_fields: tuple[str, ...]
-    tar_bytes: bytes
+    tar_bytes: bytes | memoryview  # a view into a chunk curation spilled to disk
 
 
 def _tar_member(name: str, data: bytes) -> bytes:

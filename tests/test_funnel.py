@@ -98,6 +98,7 @@ def test_result_is_the_same_with_two_worker_processes(folder, tmp_path):
     curate(_cfg(sources, "data.funnel.num_proc=2", "data.funnel.chunk_size=3"), tmp_path / "two", fake_embed,
            progress=False)
     assert read_manifest(tmp_path / "one")["content_hash"] == read_manifest(tmp_path / "two")["content_hash"]
+    assert not (tmp_path / ".spill").exists()  # the workers' per-chunk files are gone once written to the shards
 
 
 def test_rebalancing_caps_the_larger_category(folder, tmp_path):
