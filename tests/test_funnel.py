@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from data.curate import curate
+from data.curate import _ordered_bounded_map, curate
 from data.shards import iter_samples, read_manifest
 from kiln.config import load_config
 
@@ -99,6 +99,26 @@ def test_result_is_the_same_with_two_worker_processes(folder, tmp_path):
            progress=False)
     assert read_manifest(tmp_path / "one")["content_hash"] == read_manifest(tmp_path / "two")["content_hash"]
     assert not (tmp_path / ".spill").exists()  # the workers' per-chunk files are gone once written to the shards
+
+
+def _sigterm_action(_task) -> str:
+    import signal
+
+    return "default" if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else "python handler"
+
+
+def test_pool_workers_die_on_sigterm_whatever_handler_the_parent_has():
+    """Inside a Prefect flow the parent's SIGTERM handler raises an exception; a forked worker that inherited it
+    could outlive Pool.terminate() and hang the stage. Workers reset it, and the parent keeps its own."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        actions = list(_ordered_bounded_map(_sigterm_action, range(4), 2, lambda: None, ()))
+        assert actions == ["default"] * 4
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_rebalancing_caps_the_larger_category(folder, tmp_path):
