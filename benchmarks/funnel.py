@@ -8,9 +8,11 @@ Writes a planted image folder per size (JPEGs of random sharp blocks; 1 in 20 bl
 --kind webdataset the same images packed into tar shards of 500), then
 runs each (size, processes) case in a fresh Python process, --repeats times with the cases alternating (1, N, 1,
 N, ...: a slow spell of this shared machine hits both), and prints the median seconds and samples/s, the ratio of
-the medians to one process at the same size (measured in this run), the range of the per-repeat ratios, and peak resident memory of the main process and of the largest worker (the
-sources stream, so neither should grow with the dataset). Both cases run the same code (data/curate.py with
-num_proc 1 or N); the clock starts after the imports and the text encoder are loaded and covers everything else:
+the medians to one process at the same size (measured in this run), the range of the per-repeat ratios, and peak
+resident memory of the main process and of the largest worker (the sources stream, so neither should grow with
+the dataset); it stops if any run's shards differ. Both cases run the same operators, encoders and writer
+(data/curate.py with num_proc 1 or N; with N the workers hand samples back through a file per chunk); the clock
+starts after the imports and the text encoder are loaded and covers everything else:
 opening the source, the operators, the duplicate checks, caption embeddings, the shards and the manifest.
 """
 
