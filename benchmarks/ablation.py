@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     run, out = Path(args.run), Path(args.out)
     cfg = load_config(args.preset, [*args.overrides, f"eval.prompts_per_kind={args.eval_prompts}",
-                                    "train.sample_every=1000000", "train.checkpoint_every=1000000"])
+                                    "cadence.sample_every=1000000", "cadence.checkpoint_every=1000000"])
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if args.eval_only:  # the run's own config (from its data stage's manifest), with the larger eval

@@ -35,8 +35,8 @@ def main() -> None:
     for needed in ("latents", "vae"):
         if not (run / needed / "manifest.json").exists():
             parser.error(f"--run {run}: no finished {needed} stage there (run `kiln run` first)")
-    common = [f"train.rungs.{args.rung}.steps={args.steps}", "train.log_every=10", "train.sample_every=100000",
-              "train.checkpoint_every=100000", "device=cpu", *args.overrides]
+    common = [f"train.rungs.{args.rung}.steps={args.steps}", "cadence.log_every=10", "cadence.sample_every=100000",
+              "cadence.checkpoint_every=100000", "device=cpu", *args.overrides]
     inputs = {"latents": str(run / "latents"), "vae": str(run / "vae")}
     results = {}
     with tempfile.TemporaryDirectory(prefix="kiln-dp-") as tmp:

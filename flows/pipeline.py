@@ -39,8 +39,8 @@ STAGE_SECTIONS = {
     "preference": ("preference", "sampler.negative_prompt", "scheduler", "eval.resolution", "data.holdout_seed"),
     "reward": ("seed", "reward"),
     "features": ("seed", "features"),
-    "dpo": ("seed", "dpo", "objective", "scheduler", "train.log_every"),
-    "grpo": ("grpo", "sampler.negative_prompt", "scheduler", "data.holdout_seed", "train.checkpoint_every"),
+    "dpo": ("seed", "dpo", "objective", "scheduler"),
+    "grpo": ("grpo", "sampler.negative_prompt", "scheduler", "data.holdout_seed"),
 }
 
 

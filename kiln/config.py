@@ -144,8 +144,6 @@ class VaeTrainConfig(Strict):
     kl_weight: float = Field(1e-6, ge=0)
     foreground_weight: float = Field(10.0, ge=1)
     grad_clip: float = Field(1.0, gt=0)
-    log_every: int = Field(50, gt=0)
-    checkpoint_every: int = Field(200, gt=0)  # the stage resumes from the latest after a crash or SIGTERM
 
 
 class VaeConfig(Strict):
@@ -269,12 +267,6 @@ class TrainConfig(Strict):
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast applies on GPU only
     # How a first rung starts: DiT's adaLN-Zero, or diffusers' default init (kept to measure the difference).
     init: Literal["adaln_zero", "diffusers"] = "adaln_zero"
-    log_every: int = Field(25, gt=0)
-    checkpoint_every: int = Field(500, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
-    sample_every: int = Field(1000, gt=0)
-    # Hold every decoded latent in memory, decoded once before the first step (small datasets); False streams.
-    cache_in_memory: bool = True
 
     @field_validator("rungs")
     @classmethod
@@ -282,6 +274,19 @@ class TrainConfig(Strict):
         if not rungs:
             raise ValueError("needs at least one rung")
         return rungs
+
+
+class CadenceConfig(Strict):
+    """How often every training stage logs, samples and checkpoints, and how it holds its data: settings that do
+    not change what a stage computes, so no cache key reads this section (changing it reruns nothing)."""
+
+    log_every: int = Field(25, gt=0)
+    # A stage resumes from its latest checkpoint after a crash or SIGTERM; the last keep_checkpoints are kept.
+    checkpoint_every: int = Field(500, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    sample_every: int = Field(1000, gt=0)  # sample grid of the EMA generator (generator stages)
+    # Hold every decoded latent in memory, decoded once before the first step (small datasets); False streams.
+    cache_in_memory: bool = True
 
 
 class EvalConfig(Strict):
@@ -361,7 +366,6 @@ class RewardModelConfig(Strict):
     # Extra training pairs from the data stage's rendered training images at the preference resolution: a
     # caption's own image against another scene's image, ordered by the verifier (0: none).
     data_pairs: int = Field(0, ge=0)
-    checkpoint_every: int = Field(100, gt=0)  # the stage resumes from the latest after a crash or SIGTERM
 
 
 class DpoConfig(Strict):
@@ -428,6 +432,7 @@ class KilnConfig(Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     sampler: SamplerConfig = SamplerConfig()
     train: TrainConfig
+    cadence: CadenceConfig = CadenceConfig()
     eval: EvalConfig = EvalConfig()
     features: FeaturesConfig = FeaturesConfig()
     # Post-training stages the pipeline runs after the last rung, in this order (any subset; dpo needs preference).

@@ -72,12 +72,12 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
             n_logged += 1
             step = policy.step_count
-            if step % cfg.train.log_every == 0 or step == dcfg.max_steps:
+            if step % cfg.cadence.log_every == 0 or step == dcfg.max_steps:
                 means = {f"train/{k}": v / n_logged for k, v in stats_sum.items()}
                 tracker.log_metrics({**means, "train/lr": policy.schedule.get_last_lr()[0]}, step=step)
                 bar.set_postfix(loss=f"{means['train/loss']:.4f}", acc=f"{means['train/rewards/accuracies']:.2f}")
                 stats_sum, n_logged = {}, 0
-            if step % cfg.train.checkpoint_every == 0 and step < dcfg.max_steps:
+            if step % cfg.cadence.checkpoint_every == 0 and step < dcfg.max_steps:
                 policy.save(out_dir, resolution, generator)
             if distributed.any_rank(preemption.requested, device) and step < dcfg.max_steps:
                 path = policy.save(out_dir, resolution, generator)

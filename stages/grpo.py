@@ -165,7 +165,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                                for name, value in parts.items()}})
             tracker.log_metrics(metrics, step=policy.step_count)
             bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", kl=f"{metrics.get('train/kl', 0.0):.2e}")
-            if policy.step_count % cfg.train.checkpoint_every == 0 and policy.step_count < gcfg.max_steps:
+            if policy.step_count % cfg.cadence.checkpoint_every == 0 and policy.step_count < gcfg.max_steps:
                 policy.save(out_dir, resolution, generator)
             if distributed.any_rank(preemption.requested, device) and policy.step_count < gcfg.max_steps:
                 path = policy.save(out_dir, resolution, generator)

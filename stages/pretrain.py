@@ -104,8 +104,8 @@ class Trainer:
 
     def batches(self):
         loader = BucketBatches(self.latents_dir / "shards", self.rung.batch_size, seed=self.cfg.seed,
-                               buckets=self.buckets, start=self.position, cache_in_memory=self.cfg.train.cache_in_memory)
-        if self.cfg.train.cache_in_memory:
+                               buckets=self.buckets, start=self.position, cache_in_memory=self.cfg.cadence.cache_in_memory)
+        if self.cfg.cadence.cache_in_memory:
             loader.preload()  # decode once, up front, so the training loop never waits on shard decoding
         for batch in loader.batches_forever():
             self.position = loader.position()
@@ -151,7 +151,7 @@ class Trainer:
         """Collective under torchrun (see kiln.checkpoint.save_training_state)."""
         meta = {"kind": "transformer", "resolution": self.rung.resolution, "latent_channels": self.latent_channels}
         return save_training_state(out_dir / "checkpoints", self.step_count, self.model, self.ema, self.optimizer,
-                                   self.state(), meta, self.cfg.train.keep_checkpoints, self.sharded, final)
+                                   self.state(), meta, self.cfg.cadence.keep_checkpoints, self.sharded, final)
 
     def resume(self, ckpt: Path) -> None:
         state = load_training_state(ckpt, self.model, self.ema, self.optimizer, self.param_names, self.sharded)
@@ -206,7 +206,7 @@ def fit(cfg, trainer: Trainer, inputs: dict, out_dir: Path, tracker, label: str)
     if trainer.step_count == 0:
         tracker.log_metrics({"parameters": count_parameters(trainer.model)})
 
-    log_every, buckets = cfg.train.log_every, cfg.objective.loss_buckets
+    log_every, buckets = cfg.cadence.log_every, cfg.objective.loss_buckets
     window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "images": 0, "start": time.perf_counter()}
     # Steady-state throughput: images between the first and the last log point (start-up and the samples left out).
     images_seen, log_points = 0, []
@@ -248,9 +248,9 @@ def fit(cfg, trainer: Trainer, inputs: dict, out_dir: Path, tracker, label: str)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 window.update(loss=0.0, grad_norm=0.0, n=0, images=0, start=time.perf_counter())
                 bucket_sums.clear()
-            if step % cfg.train.checkpoint_every == 0 and step < rung.steps:
+            if step % cfg.cadence.checkpoint_every == 0 and step < rung.steps:
                 trainer.save(out_dir)
-            if step % cfg.train.sample_every == 0 or step == rung.steps:
+            if step % cfg.cadence.sample_every == 0 or step == rung.steps:
                 ema = trainer.whole_ema()
                 if ema is not None:
                     log_samples(cfg, ema, inputs, out_dir, tracker, step, rung.resolution)

@@ -6,7 +6,7 @@ different scores make a training pair (best against worst is only one of them). 
 training and validation, so no validation prompt is seen in training. With `reward.data_pairs`, training also gets
 pairs from the rendered training data: a caption's own image against another scene's image, ordered by the verifier
 (a hundred generated prompts are few to learn "does this image show this caption" from; the data has thousands).
-Validation stays on the generated samples only. Checkpoints every reward.checkpoint_every steps and on SIGTERM; a
+Validation stays on the generated samples only. Checkpoints every cadence.checkpoint_every steps and on SIGTERM; a
 rerun resumes from the latest.
 """
 
@@ -161,11 +161,11 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
             loss.backward()
             optimizer.step()
             done = step + 1
-            if done % cfg.train.log_every == 0 or done == rcfg.steps:
+            if done % cfg.cadence.log_every == 0 or done == rcfg.steps:
                 accuracy = pairwise_accuracy(r_chosen, r_rejected)
                 tracker.log_metrics({"train/loss": loss.item(), "train/accuracy": accuracy}, step=done)
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}")
-            if done < rcfg.steps and (done % rcfg.checkpoint_every == 0 or preemption.requested):
+            if done < rcfg.steps and (done % cfg.cadence.checkpoint_every == 0 or preemption.requested):
                 state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": done}
                 path = save_checkpoint(ckpt_dir, done, model, trainer_state=state, meta={"kind": "reward"})
                 if preemption.requested:

@@ -1,6 +1,6 @@
 """VAE stage. `tiny`/`small`: train a small AutoencoderKLQwenImage on the rendered images (random crops; the VAE
 is fully convolutional), log reconstruction PSNR, then measure per-channel latent mean/std on the data and save
-them in the VAE's own config. Checkpoints every vae.train.checkpoint_every steps and on SIGTERM; a rerun resumes
+them in the VAE's own config. Checkpoints every cadence.checkpoint_every steps and on SIGTERM; a rerun resumes
 from the latest. `qwen-image`: the pretrained VAE is loaded where the latents stage needs it."""
 
 from __future__ import annotations
@@ -110,11 +110,11 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         for step in bar:
             loss = _train_step(vae, opt, _random_crops(train, tcfg.batch_size, tcfg.crop, rng).to(device), tcfg,
                                lr_at(step))
-            if step % tcfg.log_every == 0 or step == tcfg.steps - 1:
+            if step % cfg.cadence.log_every == 0 or step == tcfg.steps - 1:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 tracker.log_metrics({"vae/loss": loss, "vae/lr": lr_at(step)}, step=step)
             done = step + 1
-            if done < tcfg.steps and (done % tcfg.checkpoint_every == 0 or preemption.requested):
+            if done < tcfg.steps and (done % cfg.cadence.checkpoint_every == 0 or preemption.requested):
                 path = save(done)
                 if preemption.requested:
                     raise Preempted(f"vae: stopped by SIGTERM at step {done}; checkpoint {path} (rerun to resume)")

@@ -16,8 +16,8 @@ from stages import pretrain
 from stages.worker import launch
 
 STEPS = 6
-OVERRIDES = [f"train.rungs.0.steps={STEPS}", "train.checkpoint_every=4", "train.sample_every=100",
-             "train.log_every=1", "train.keep_checkpoints=5", "device=cpu"]
+OVERRIDES = [f"train.rungs.0.steps={STEPS}", "cadence.checkpoint_every=4", "cadence.sample_every=100",
+             "cadence.log_every=1", "cadence.keep_checkpoints=5", "device=cpu"]
 
 
 def _config(*extra):

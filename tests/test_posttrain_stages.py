@@ -26,7 +26,7 @@ class Recorder(Tracker):
 
 
 def _cfg(*overrides):
-    return load_config("smoke", ["train.sample_every=100", *overrides])
+    return load_config("smoke", ["cadence.sample_every=100", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def _crash_at(monkeypatch, method: str, step: int):
 def test_preference_stages_resume_to_identical_weights(stage, labelled_pairs, pretrained, tmp_path, monkeypatch):
     root, latents = pretrained
     module = {"dpo": dpo, "grpo": grpo}[stage]
-    cfg = _cfg("train.checkpoint_every=2", "train.keep_checkpoints=5", "dpo.max_steps=4", "grpo.max_steps=3",
+    cfg = _cfg("cadence.checkpoint_every=2", "cadence.keep_checkpoints=5", "dpo.max_steps=4", "grpo.max_steps=3",
                "grpo.reward=verifier")
     inputs = {"pairs": labelled_pairs, "init": root / "pretrain", "vae": latents / "vae"}
     recorder = Recorder()
@@ -206,7 +206,7 @@ def test_preference_stages_checkpoint_on_sigterm(stage, labelled_pairs, pretrain
 
     root, latents = pretrained
     module = {"dpo": dpo, "grpo": grpo}[stage]
-    cfg = _cfg("train.checkpoint_every=100", "dpo.max_steps=3", "grpo.max_steps=3", "grpo.reward=verifier")
+    cfg = _cfg("cadence.checkpoint_every=100", "dpo.max_steps=3", "grpo.max_steps=3", "grpo.reward=verifier")
     inputs = {"pairs": labelled_pairs, "init": root / "pretrain", "vae": latents / "vae"}
     module.run(cfg, inputs, tmp_path / "straight", Tracker(None))
     method = "update" if stage == "dpo" else "optimizer_step"
@@ -300,7 +300,7 @@ def test_reward_stage_checkpoints_on_sigterm_and_resumes_identically(labelled_pa
     from stages import reward
 
     _, latents = pretrained
-    cfg = _cfg("reward.steps=5", "reward.checkpoint_every=100")
+    cfg = _cfg("reward.steps=5", "cadence.checkpoint_every=100")
     inputs = {"pairs": labelled_pairs, "vae": latents / "vae"}
     reward.run(cfg, inputs, tmp_path / "straight", Tracker(None))
     calls = []
@@ -344,7 +344,7 @@ def test_dpo_on_two_processes_follows_one_process(labelled_pairs, pretrained, tm
 
     root, latents = pretrained
     inputs = {"pairs": labelled_pairs, "init": root / "pretrain", "vae": latents / "vae"}
-    sets = ["dpo.max_steps=4", "train.log_every=1", "train.checkpoint_every=100"]
+    sets = ["dpo.max_steps=4", "cadence.log_every=1", "cadence.checkpoint_every=100"]
     one_run, two_run = _new_mlflow_run("one"), _new_mlflow_run("two")
     dpo.run(_cfg(*sets, "dpo.per_device_train_batch_size=4"), inputs, tmp_path / "one", Tracker(one_run))
     (tmp_path / "two").mkdir()
@@ -365,7 +365,7 @@ def test_grpo_on_two_fsdp_processes_resumes_exactly_and_in_one_process(labelled_
 
     root, latents = pretrained
     inputs = {"init": root / "pretrain", "vae": latents / "vae"}
-    cfg = _cfg("grpo.max_steps=2", "grpo.reward=verifier", "train.checkpoint_every=1", "train.keep_checkpoints=5",
+    cfg = _cfg("grpo.max_steps=2", "grpo.reward=verifier", "cadence.checkpoint_every=1", "cadence.keep_checkpoints=5",
                "distributed.nproc_per_node=2", "distributed.strategy=fsdp")
     run_id = _new_mlflow_run("grpo-fsdp")
     (tmp_path / "straight").mkdir()

@@ -32,8 +32,8 @@ def _same_weights(a_dir, b_dir, step):
 
 
 def test_crashed_stage_resumes_to_identical_weights(smoke_latents, tmp_path, monkeypatch):
-    cfg = load_config("smoke", ["train.rungs.0.steps=8", "train.checkpoint_every=3", "train.sample_every=100",
-                                "train.keep_checkpoints=5"])
+    cfg = load_config("smoke", ["train.rungs.0.steps=8", "cadence.checkpoint_every=3", "cadence.sample_every=100",
+                                "cadence.keep_checkpoints=5"])
     _run(cfg, smoke_latents, tmp_path / "straight")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -45,7 +45,7 @@ def test_crashed_stage_resumes_to_identical_weights(smoke_latents, tmp_path, mon
 
 
 def test_checkpoint_contents_and_rotation(smoke_latents, tmp_path):
-    cfg = load_config("smoke", ["train.rungs.0.steps=7", "train.checkpoint_every=2", "train.sample_every=100"])
+    cfg = load_config("smoke", ["train.rungs.0.steps=7", "cadence.checkpoint_every=2", "cadence.sample_every=100"])
     _run(cfg, smoke_latents, tmp_path / "out")
     ckpts = list_checkpoints(tmp_path / "out" / "checkpoints")
     assert [p.name for p in ckpts] == ["step-6", "step-7"]  # keep_checkpoints=2
@@ -56,7 +56,7 @@ def test_checkpoint_contents_and_rotation(smoke_latents, tmp_path):
 
 
 def test_next_rung_starts_from_previous_weights(smoke_latents, tmp_path):
-    cfg = load_config("smoke", ["train.sample_every=100"])
+    cfg = load_config("smoke", ["cadence.sample_every=100"])
     _run(cfg, smoke_latents, tmp_path / "r0")
     trainer = pretrain.Trainer(cfg, 1, smoke_latents / "latents", torch.device("cpu"))
     trainer.init_from(tmp_path / "r0")
@@ -72,7 +72,7 @@ def test_next_rung_starts_from_previous_weights(smoke_latents, tmp_path):
 ])
 def test_first_losses_regression(smoke_latents, tmp_path, init, expected):
     """Fixed seed, fixed data: the first losses must not drift silently."""
-    cfg = load_config("smoke", ["train.sample_every=100", f"train.init={init}"])
+    cfg = load_config("smoke", ["cadence.sample_every=100", f"train.init={init}"])
     trainer = pretrain.Trainer(cfg, 0, smoke_latents / "latents", torch.device("cpu"))
     batches = trainer.batches()
     losses = [trainer.step(next(batches))["loss"].item() for _ in range(3)]
@@ -90,7 +90,7 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_resumes_identically(smoke_lat
 
     from kiln.preemption import Preempted
 
-    cfg = load_config("smoke", ["train.rungs.0.steps=8", "train.checkpoint_every=100", "train.sample_every=100"])
+    cfg = load_config("smoke", ["train.rungs.0.steps=8", "cadence.checkpoint_every=100", "cadence.sample_every=100"])
     _run(cfg, smoke_latents, tmp_path / "straight")
     original = pretrain.Trainer.step
 
@@ -115,8 +115,8 @@ def test_sigkill_mid_stage_then_rerun_gives_identical_weights(smoke_latents, tmp
     import sys
     import time
 
-    sets = ["train.rungs.0.steps=40", "train.checkpoint_every=10", "train.sample_every=1000",
-            "train.keep_checkpoints=5"]
+    sets = ["train.rungs.0.steps=40", "cadence.checkpoint_every=10", "cadence.sample_every=1000",
+            "cadence.keep_checkpoints=5"]
     cfg = load_config("smoke", sets)
     _run(cfg, smoke_latents, tmp_path / "straight")
     command = [sys.executable, "-m", "stages.pretrain", "--preset", "smoke", *[a for s in sets for a in ("--set", s)],

@@ -13,7 +13,7 @@ from kiln.config import load_config
 SMOKE = [
     "data.samples_per_resolution=72", "data.max_samples_per_shard=16",
     "vae.base_dim=8", "vae.z_dim=4", "vae.train.steps=2", "vae.train.batch_size=4", "vae.train.crop=32",
-    "train.rungs=[{resolution: 32, steps: 3, batch_size: 8}]", "train.log_every=1", "train.sample_every=100",
+    "train.rungs=[{resolution: 32, steps: 3, batch_size: 8}]", "cadence.log_every=1", "cadence.sample_every=100",
     "eval.prompts_per_kind=2", "eval.images_per_prompt=1", "eval.batch_size=8", "features.steps=3",
     "features.dim=8",
 ]

@@ -58,7 +58,7 @@ def test_vae_stage_checkpoints_on_sigterm_and_resumes_identically(smoke_latents,
     from kiln.tracking import Tracker
     from stages import vae
 
-    cfg = load_config("smoke", ["vae.train.steps=6", "vae.train.checkpoint_every=4"])
+    cfg = load_config("smoke", ["vae.train.steps=6", "cadence.checkpoint_every=4"])
     inputs = {"data": smoke_latents / "data"}
     vae.run(cfg, inputs, tmp_path / "straight", Tracker(None))
     assert [p.name for p in list_checkpoints(tmp_path / "straight" / "checkpoints")] == ["step-6"]
