@@ -22,6 +22,7 @@ from kiln.config import load_config
 from kiln.diffusion import diffusion_loss
 from kiln.generate import generate_latents
 from kiln.sampler import make_scheduler
+from kiln.tracking import Tracker
 from stages import pretrain
 from stages.common import data_vae_latents
 
@@ -31,15 +32,14 @@ def build_dataset(cfg, root: Path) -> Path:
     return data_vae_latents(cfg, root) / "latents"
 
 
-def trainer_chunk(trainer, batches):
-    """Returns a callable running n stage steps (Trainer.step, its loader, the per-step loss read) -> images."""
+def trainer_chunk(stage, batches):
+    """Returns a callable running n stage steps (kiln.trainer's train_step with the rung's loss step and loader,
+    including its per-step loss read) -> images."""
 
     def run(n):
         images = 0
         for _ in range(n):
-            out = trainer.step(next(batches))
-            out["loss"].item()  # what the stage's logging does
-            images += out["t"].shape[0]
+            images += stage.trainer.train_step(stage.forward_backward, next(batches))["images"]
         return images
 
     return run
@@ -134,16 +134,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         latents_dir = build_dataset(cfg, Path(tmp))
 
-        trainer = pretrain.Trainer(cfg, rung_index, latents_dir, torch.device("cpu"))
+        stage = pretrain.Rung(cfg, rung, rung_index, latents_dir,
+                              Path(tmp) / "stage", Tracker(None), "bench")
         # The bare loop gets a copy of the same initial model and the stage's own first batches, preloaded.
-        model = copy.deepcopy(trainer.model)
-        loader = BucketBatches(latents_dir / "shards", rung.batch_size, seed=cfg.seed, buckets=trainer.buckets)
+        model = copy.deepcopy(stage.trainer.model)
+        loader = BucketBatches(latents_dir / "shards", rung.batch_size, seed=cfg.seed, buckets=stage.buckets)
         batches = [b for _, b in zip(range(16), loader.batches_forever())]
-        ips = interleaved_throughput({"stage": trainer_chunk(trainer, trainer.batches()),
+        ips = interleaved_throughput({"stage": trainer_chunk(stage, stage.batches()),
                                       "bare": bare_chunk(cfg, model, batches)}, args.steps)
         trainer_ips, bare_ips = ips["stage"], ips["bare"]
 
-        loader_ips = time_loader(latents_dir, rung.batch_size, trainer.buckets, batches_wanted=100)
+        loader_ips = time_loader(latents_dir, rung.batch_size, stage.buckets, batches_wanted=100)
 
         from kiln.text_encoder import build_text_encoder
 
@@ -151,7 +152,7 @@ def main() -> None:
         text, mask = encoder(["a red circle", "three blue squares", "a green triangle left of a yellow circle",
                               "two red triangles"])
         null, null_mask = encoder([cfg.sampler.negative_prompt])
-        sampler = time_sampler(cfg, trainer.ema, text, mask, null, null_mask, rung.resolution, cfg.sampler.steps)
+        sampler = time_sampler(cfg, stage.trainer.ema, text, mask, null, null_mask, rung.resolution, cfg.sampler.steps)
 
     print(f"\nKiln benchmark: preset {cfg.name}, rung {rung.resolution}px, batch {rung.batch_size}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -19,6 +19,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def training_device(cfg) -> torch.device:
+    """The device this process trains on: the config's, or under torchrun its own GPU (cuda:LOCAL_RANK)."""
+    from kiln import distributed
+
+    return distributed.device_for(pick_device(cfg.device), distributed.ranks())
+
+
 def require_stage(path: Path, what: str) -> dict:
     """The manifest of an upstream stage output, or a one-line error saying which stage to run first."""
     manifest = read_stage_manifest(path)

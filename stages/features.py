@@ -5,16 +5,17 @@ network that cannot tell scenes apart would make the distance meaningless)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from data.shards import iter_samples
 from data.synthetic import parse_caption
 from kiln.features import FeatureNet, scene_labels
 from kiln.stage_io import StageResult, hash_files
+from kiln.trainer import Schedule, Trainer
 from stages.common import pick_device
 from stages.vae import image_tensor
 
@@ -48,24 +49,31 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     n_val = max(1, int(len(images) * fcfg.val_fraction))
     val, train = order[:n_val], order[n_val:]
 
-    net = FeatureNet(fcfg.dim).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=fcfg.lr)
+    net = FeatureNet(fcfg.dim)
     generator = torch.Generator().manual_seed(cfg.seed)
-    for step in tqdm(range(1, fcfg.steps + 1), desc="features", unit="step"):
-        rows = train[torch.randint(len(train), (fcfg.batch_size,), generator=generator)]
+    trainer = Trainer("features", net, cfg, steps=fcfg.steps, lr=fcfg.lr, schedule=Schedule(decay="constant"),
+                      out_dir=out_dir, tracker=tracker, device=device, weight_decay=0.01, grad_clip=1.0,
+                      state={"generator": generator}, meta={"kind": "features"}, log_prefix="features")
+    trainer.start()
+
+    def batches():
+        while True:
+            yield train[torch.randint(len(train), (fcfg.batch_size,), generator=generator)]
+
+    def forward_backward(rows: torch.Tensor) -> dict:
         loss, right = net.loss(images[rows].to(device), present[rows].to(device), objects[rows].to(device),
                                kinds[rows].to(device))
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if step % 50 == 0 or step == fcfg.steps:
-            tracker.log_metrics({"features/loss": loss.item(), "features/train_all_right": right.item()}, step=step)
+        return {"loss": loss.detach(), "train_all_right": right.detach()}
+
+    trainer.fit(forward_backward, batches, save_final=False)
     net.eval()
     with torch.no_grad():
         _, val_right = net.loss(images[val].to(device), present[val].to(device), objects[val].to(device),
                                 kinds[val].to(device))
     save_file(net.state_dict(), str(out_dir / "feature_net.safetensors"))
     (out_dir / "feature_net.json").write_text(json.dumps({"dim": fcfg.dim}))
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # done: the network above is the stage's output
     metrics = {"features/val_all_right": val_right.item(), "features/val_images": n_val}
     tracker.log_metrics(metrics)
     return StageResult("features", out_dir, metrics, hash_files(out_dir, "feature_net.*"))

@@ -15,12 +15,10 @@ run draws the same; gradients are averaged (or reduce-scattered under FSDP2) bef
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from kiln import distributed
 from kiln.checkpoint import resolve_checkpoint
@@ -28,12 +26,11 @@ from kiln.diffusion import Denoiser, make_process
 from kiln.generate import initial_noise, to_pil
 from kiln.grpo import group_advantages, grpo_loss
 from kiln.models import unpack
-from kiln.preemption import Preempted, Preemption
 from kiln.sampler import flow_sigmas, guided_prediction, sample_sde, sde_mean_std, sde_step_log_prob
 from kiln.stage_io import StageResult, hash_files
 from kiln.vae import decode_latents
-from stages.common import pick_device
-from stages.policy import Policy
+from stages.common import training_device
+from stages.policy import policy_trainer
 from stages.preference import training_captions
 from stages.sampling import text_encoder_for, vae_for
 
@@ -82,14 +79,17 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     init = Path(inputs["init"])
     resolution = json.loads((resolve_checkpoint(init) / "meta.json").read_text()).get(
         "resolution", cfg.train.rungs[-1].resolution)
-    policy = Policy(cfg, init, pick_device(cfg.device), gcfg.learning_rate)
-    device, ranks = policy.device, policy.ranks
+    generator = torch.Generator(device=training_device(cfg)).manual_seed(gcfg.seed)
+    # Every step is logged: each one samples and scores a fresh batch, so its reward is the curve to watch.
+    trainer, reference = policy_trainer(
+        cfg, "grpo", init, out_dir, tracker, steps=gcfg.max_steps, learning_rate=gcfg.learning_rate, warmup_steps=0,
+        max_grad_norm=gcfg.max_grad_norm, state={"generator": generator}, log_every=1, postfix=("reward", "kl"))
+    trainer.meta["resolution"] = resolution
+    device, ranks = trainer.device, trainer.ranks
     if gcfg.prompts_per_step % ranks.world_size:
         raise ValueError(f"grpo: prompts_per_step {gcfg.prompts_per_step} does not split over {ranks.world_size} "
                          f"processes")
-    generator = torch.Generator(device=device).manual_seed(gcfg.seed)
-    if policy.resume(out_dir, generator):
-        tqdm.write(f"grpo: resuming at step {policy.step_count}")
+    trainer.start()
     vae = vae_for(cfg, Path(inputs["vae"]), device)
     encoder = text_encoder_for(cfg, device)
     reward = make_reward(cfg, inputs.get("reward"), device)
@@ -102,76 +102,69 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     steps = len(sigmas) - 1
     n_train = max(1, round(gcfg.timestep_fraction * steps))
     group = gcfg.num_generations
+    policy = trainer.forward
 
-    bar = tqdm(total=gcfg.max_steps, initial=policy.step_count, desc="grpo", unit="step", disable=not ranks.is_main)
-    with Preemption() as preemption:  # SIGTERM: checkpoint at the end of this step, then stop
-        while policy.step_count < gcfg.max_steps:
-            step_rng = random.Random(gcfg.seed * 100003 + policy.step_count)  # the prompts of this step, resumable
+    def sampled_batches():
+        """Per step: sample G images for each prompt with the current policy, keeping the trajectory and its per-step
+        log-probs, score them and normalise within groups; the same batch serves num_iterations optimizer steps."""
+        while True:
+            step_rng = random.Random(gcfg.seed * 100003 + trainer.step)  # the prompts of this step, resumable
             prompts = [c for _, c in training_captions(cfg, gcfg.prompts_per_step, step_rng.randrange(2**31),
                                                           gcfg.prompt_kinds)]
             if ranks.distributed:  # this process's prompts, and its own noise stream for this step
                 share = gcfg.prompts_per_step // ranks.world_size
                 prompts = prompts[ranks.rank * share:(ranks.rank + 1) * share]
-                generator.manual_seed(gcfg.seed * 1000003 + policy.step_count * 1009 + ranks.rank)
+                generator.manual_seed(gcfg.seed * 1000003 + trainer.step * 1009 + ranks.rank)
             captions = [c for c in prompts for _ in range(group)]  # TRL's layout: each prompt G times in a row
             text, mask = encoder(captions)  # (B, L, D), (B, L)
             null_b, null_mask_b = null_text.expand(len(captions), -1, -1), null_mask.expand(len(captions), -1)
-
-            # 1. Sample with the current policy, keeping the trajectory and its per-step log-probs.
-            policy.model.eval()
+            policy.eval()
             with torch.no_grad():
-                velocity = guided_prediction(policy.model, text, mask, null_b, null_mask_b, gcfg.cfg, grid)
+                velocity = guided_prediction(policy, text, mask, null_b, null_mask_b, gcfg.cfg, grid)
                 noise = initial_noise(len(captions), cfg.vae.z_dim, h, w, generator, device)  # (B, N, C*4)
                 denoiser = Denoiser(velocity, "flow", make_process(None))
                 x0, old_log_probs, trajectory = sample_sde(denoiser, noise, sigmas, noise_level=gcfg.noise_level,
                                                            generator=generator)  # (B, N, D), (B, T), (B, T+1, N, D)
                 images = decode_latents(vae, unpack(x0, h, w))  # (B, 3, H, W)
                 rewards, parts = reward(images, captions)  # (B,)
-            advantages = group_advantages(rewards, group, gcfg.scale_rewards).to(device)  # (B,)
-
-            # 2. Policy update on a random subset of the denoising steps (the same subset for the whole batch).
-            policy.model.train()
-            train_steps = sorted(step_rng.sample(range(steps), n_train))
-            sums: dict[str, float] = {}
+            policy.train()
+            all_rewards = distributed.gather_rows(rewards.to(device))  # (P * G,) over all processes
+            batch = {"text": text, "mask": mask, "null": (null_b, null_mask_b), "trajectory": trajectory,
+                     "old_log_probs": old_log_probs,
+                     "advantages": group_advantages(rewards, group, gcfg.scale_rewards).to(device),  # (B,)
+                     # The same subset of denoising steps for the whole batch.
+                     "train_steps": sorted(step_rng.sample(range(steps), n_train)),
+                     "metrics": {"reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+                                 **{f"reward_{name}": distributed.gather_rows(value.to(device)).mean().item()
+                                    for name, value in parts.items()}}}
             for _ in range(gcfg.num_iterations):
-                for j in train_steps:
-                    x_j, x_next = trajectory[:, j], trajectory[:, j + 1]
-                    v = guided_prediction(policy.model, text, mask, null_b, null_mask_b, gcfg.cfg, grid)(x_j, sigmas[j])
-                    log_prob, mean, std = sde_step_log_prob(v, x_j, x_next, sigmas[j], sigmas[j + 1],
-                                                            noise_level=gcfg.noise_level, sigma_max=sigma_max)
-                    ref_mean = None
-                    if gcfg.beta > 0:
-                        with torch.no_grad():
-                            v_ref = guided_prediction(policy.reference, text, mask, null_b, null_mask_b, gcfg.cfg,
-                                                    grid)(x_j, sigmas[j])
-                            ref_mean = sde_mean_std(v_ref, x_j, sigmas[j], sigmas[j + 1], noise_level=gcfg.noise_level,
-                                                    sigma_max=sigma_max)[0]
-                    loss, stats = grpo_loss(log_prob, old_log_probs[:, j], advantages, epsilon=gcfg.epsilon,
-                                            epsilon_high=gcfg.epsilon_high, beta=gcfg.beta, mean=mean, ref_mean=ref_mean,
-                                            std=std)
-                    (loss / n_train).backward()
-                    for key, value in {"loss": loss.detach(), **stats}.items():
-                        sums[key] = sums.get(key, 0.0) + float(value) / (n_train * gcfg.num_iterations)
-                sums = {k: distributed.mean_across(torch.tensor(v, device=device)).item() for k, v in sums.items()}
-                if not math.isfinite(sums["loss"]):
-                    raise FloatingPointError(f"grpo: loss is {sums['loss']} at step {policy.step_count}")
-                grad_norm = policy.optimizer_step(gcfg.max_grad_norm)
-            bar.update(1)
-            metrics = {f"train/{k}": v for k, v in sums.items()}
-            rewards = distributed.gather_rows(rewards.to(device))  # (P * G,) over all processes
-            metrics.update({"train/reward": rewards.mean().item(), "train/reward_std": rewards.std().item(),
-                            "train/grad_norm": float(grad_norm),
-                            **{f"train/reward_{name}": distributed.gather_rows(value.to(device)).mean().item()
-                               for name, value in parts.items()}})
-            tracker.log_metrics(metrics, step=policy.step_count)
-            bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", kl=f"{metrics.get('train/kl', 0.0):.2e}")
-            if policy.step_count % cfg.cadence.checkpoint_every == 0 and policy.step_count < gcfg.max_steps:
-                policy.save(out_dir, resolution, generator)
-            if distributed.any_rank(preemption.requested, device) and policy.step_count < gcfg.max_steps:
-                path = policy.save(out_dir, resolution, generator)
-                raise Preempted(f"grpo: stopped by SIGTERM at step {policy.step_count}; checkpoint {path} "
-                                f"(rerun to resume)")
-    bar.close()
-    final = policy.save(out_dir, resolution, generator, final=True)
-    tracker.set_tags({"kiln.checkpoint": str(final.resolve())})
-    return StageResult("grpo", out_dir, {"steps": policy.step_count}, hash_files(out_dir / "checkpoints"))
+                yield batch
+
+    def guided(model, batch):
+        return guided_prediction(model, batch["text"], batch["mask"], *batch["null"], gcfg.cfg, grid)
+
+    def forward_backward(batch: dict) -> dict:
+        """The clipped surrogate plus beta * KL on each trained denoising step, gradients accumulated over them."""
+        sums: dict[str, float] = {}
+        for j in batch["train_steps"]:
+            x_j, x_next = batch["trajectory"][:, j], batch["trajectory"][:, j + 1]
+            v = guided(policy, batch)(x_j, sigmas[j])
+            log_prob, mean, std = sde_step_log_prob(v, x_j, x_next, sigmas[j], sigmas[j + 1],
+                                                    noise_level=gcfg.noise_level, sigma_max=sigma_max)
+            ref_mean = None
+            if gcfg.beta > 0:
+                with torch.no_grad():
+                    v_ref = guided(reference, batch)(x_j, sigmas[j])
+                    ref_mean = sde_mean_std(v_ref, x_j, sigmas[j], sigmas[j + 1], noise_level=gcfg.noise_level,
+                                            sigma_max=sigma_max)[0]
+            loss, stats = grpo_loss(log_prob, batch["old_log_probs"][:, j], batch["advantages"], epsilon=gcfg.epsilon,
+                                    epsilon_high=gcfg.epsilon_high, beta=gcfg.beta, mean=mean, ref_mean=ref_mean,
+                                    std=std)
+            (loss / n_train).backward()
+            for key, value in {"loss": loss.detach(), **stats}.items():
+                sums[key] = sums.get(key, 0.0) + float(value) / n_train
+        sums = {k: distributed.mean_across(torch.tensor(v, device=device)).item() for k, v in sums.items()}
+        return {**sums, **batch["metrics"]}
+
+    trainer.fit(forward_backward, sampled_batches)
+    return StageResult("grpo", out_dir, {"steps": trainer.step}, hash_files(out_dir / "checkpoints"))

@@ -6,8 +6,8 @@ different scores make a training pair (best against worst is only one of them). 
 training and validation, so no validation prompt is seen in training. With `reward.data_pairs`, training also gets
 pairs from the rendered training data: a caption's own image against another scene's image, ordered by the verifier
 (a hundred generated prompts are few to learn "does this image show this caption" from; the data has thousands).
-Validation stays on the generated samples only. Checkpoints every cadence.checkpoint_every steps and on SIGTERM; a
-rerun resumes from the latest.
+Validation stays on the generated samples only. The loop is kiln/trainer.py's (checkpoints every
+cadence.checkpoint_every steps and on SIGTERM; a rerun resumes from the latest).
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from data.shards import iter_samples, pad_and_stack
-from kiln.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
-from kiln.preemption import Preempted, Preemption
 from kiln.stage_io import StageResult, hash_files
+from kiln.trainer import Schedule, Trainer
 from reward.model import RewardModel, bradley_terry_loss, pairwise_accuracy
 from stages.common import pick_device
 from stages.sampling import text_encoder_for
@@ -140,36 +138,23 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         return pixels.to(device), text[rows[:, 0]].repeat(2, 1, 1).to(device), mask[rows[:, 0]].repeat(2, 1).to(device)
 
     torch.manual_seed(cfg.seed)
-    model = RewardModel(text.shape[-1], tuple(rcfg.channels), rcfg.hidden).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, weight_decay=0.01)
-    ckpt_dir, first_step = out_dir / "checkpoints", 0
-    resume_from = latest_checkpoint(ckpt_dir)
-    if resume_from is not None:  # an interrupted run of this stage: continue it exactly
-        load_weights(resume_from, model)
-        state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        first_step = int(state["step"])
-        tqdm.write(f"reward: resuming from {resume_from.name}")
-    bar = tqdm(range(first_step, rcfg.steps), desc="reward model", unit="step", initial=first_step, total=rcfg.steps)
-    with Preemption() as preemption:  # SIGTERM: checkpoint after the current step, then stop
-        for step in bar:
-            rows = train[torch.randint(len(train), (min(rcfg.batch_size, len(train)),), generator=generator)]
-            r_chosen, r_rejected = model(*batch(rows)).chunk(2)
-            loss = bradley_terry_loss(r_chosen, r_rejected)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done = step + 1
-            if done % cfg.cadence.log_every == 0 or done == rcfg.steps:
-                accuracy = pairwise_accuracy(r_chosen, r_rejected)
-                tracker.log_metrics({"train/loss": loss.item(), "train/accuracy": accuracy}, step=done)
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}")
-            if done < rcfg.steps and (done % cfg.cadence.checkpoint_every == 0 or preemption.requested):
-                state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": done}
-                path = save_checkpoint(ckpt_dir, done, model, trainer_state=state, meta={"kind": "reward"})
-                if preemption.requested:
-                    raise Preempted(f"reward: stopped by SIGTERM at step {done}; checkpoint {path} (rerun to resume)")
+    model = RewardModel(text.shape[-1], tuple(rcfg.channels), rcfg.hidden)
+    trainer = Trainer("reward model", model, cfg, steps=rcfg.steps, lr=rcfg.lr, schedule=Schedule(decay="constant"),
+                      out_dir=out_dir, tracker=tracker, device=device, weight_decay=0.01, grad_clip=1.0,
+                      state={"generator": generator}, meta={"kind": "reward"}, postfix=("loss", "accuracy"))
+    trainer.start()
+
+    def batches():
+        while True:
+            yield train[torch.randint(len(train), (min(rcfg.batch_size, len(train)),), generator=generator)]
+
+    def forward_backward(rows: torch.Tensor) -> dict:
+        r_chosen, r_rejected = model(*batch(rows)).chunk(2)
+        loss = bradley_terry_loss(r_chosen, r_rejected)
+        loss.backward()
+        return {"loss": loss.detach(), "accuracy": pairwise_accuracy(r_chosen, r_rejected)}
+
+    trainer.fit(forward_backward, batches, save_final=False)
 
     model.eval()
     with torch.no_grad():
@@ -184,5 +169,5 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out_dir / "reward_model.safetensors"))
     (out_dir / "reward_model.json").write_text(json.dumps(
         {"text_dim": text.shape[-1], "channels": list(rcfg.channels), "hidden": rcfg.hidden}, indent=1))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # done: the model above is the stage's output
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # done: the model above is the stage's output
     return StageResult("reward", out_dir, metrics, hash_files(out_dir, "reward_model.*"))

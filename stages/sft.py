@@ -3,7 +3,7 @@
 For the synthetic source "high quality" means clean, centred and well separated: every object's bounding square
 lies inside the image's central region and objects keep a wide gap, with single, count and relation scenes in
 equal numbers. The subset is written as shards of its own (the same latents, no re-encoding) and trained with the
-pretrain stage's trainer at the last rung's resolution, a lower learning rate, starting from that rung's weights.
+pretrain rung's model and loss step (kiln/trainer.py's loop) at the last rung's resolution, a lower learning rate, starting from that rung's weights.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from data.shards import ShardWriter, iter_samples, read_manifest
 from kiln import distributed
 from kiln.config import RungConfig
 from kiln.stage_io import StageResult, hash_files
-from stages.common import pick_device
-from stages.pretrain import Trainer, fit
+from stages.pretrain import Rung
 
 
 def _apart(a: list[float], b: list[float], gap: float) -> bool:
@@ -85,8 +84,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     scfg = cfg.sft
     rung = RungConfig(resolution=cfg.train.rungs[-1].resolution, steps=scfg.steps, batch_size=scfg.batch_size,
                       lr=scfg.lr)
-    # The SFT rung is one past the ladder: its own seed stream, the pretrain trainer and loop.
-    trainer = Trainer(cfg, len(cfg.train.rungs), out_dir, pick_device(cfg.device), rung=rung)
-    last_loss = fit(cfg, trainer, inputs, out_dir, tracker, f"sft {rung.resolution}px")
-    metrics = {"final_loss": last_loss, "steps": trainer.step_count}
+    # The SFT rung is one past the ladder: its own seed stream, the pretrain rung's model and loss step.
+    stage = Rung(cfg, rung, len(cfg.train.rungs), out_dir, out_dir, tracker, f"sft {rung.resolution}px")
+    last_loss = stage.train(inputs)
+    metrics = {"final_loss": last_loss, "steps": stage.trainer.step}
     return StageResult("sft", out_dir, metrics, hash_files(out_dir / "checkpoints"))

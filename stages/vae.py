@@ -1,7 +1,7 @@
 """VAE stage. `tiny`/`small`: train a small AutoencoderKLQwenImage on the rendered images (random crops; the VAE
 is fully convolutional), log reconstruction PSNR, then measure per-channel latent mean/std on the data and save
-them in the VAE's own config. Checkpoints every cadence.checkpoint_every steps and on SIGTERM; a rerun resumes
-from the latest. `qwen-image`: the pretrained VAE is loaded where the latents stage needs it."""
+them in the VAE's own config. The loop is kiln/trainer.py's: checkpoints every cadence.checkpoint_every steps
+and on SIGTERM, a rerun resumes from the latest. `qwen-image`: the pretrained VAE is loaded where the latents stage needs it."""
 
 from __future__ import annotations
 
@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from data.shards import iter_samples
-from kiln.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
-from kiln.preemption import Preempted, Preemption
 from kiln.stage_io import StageResult, hash_files
+from kiln.trainer import Schedule, Trainer
 from kiln.vae import build_vae, decode_for_training, use_single_frame_convs
 from stages.common import pick_device
 
@@ -85,64 +83,39 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                          f"(bucket sizes come from the rungs and data.aspect_ratios)")
 
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed)  # the crops: saved in checkpoints, so a resumed stage draws the same ones
     vae = build_vae(cfg.vae).to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=tcfg.lr, weight_decay=0.0)
-    warmup = min(50, max(1, tcfg.steps // 10))
-    lr_at = lambda step: tcfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(1, tcfg.steps)))  # noqa: E731,E501
-    ckpt_dir, first_step = out_dir / "checkpoints", 0
-    resume_from = latest_checkpoint(ckpt_dir)
-    if resume_from is not None:
-        load_weights(resume_from, vae)
-        state = load_trainer_state(resume_from)
-        opt.load_state_dict(state["optimizer"])
-        rng.setstate(state["rng"])
-        first_step = int(state["step"])
-        tqdm.write(f"vae: resuming from {resume_from.name}")
+    # Warm-up over the first tenth (at most 50 steps), with the cosine decay to zero running from step 0.
+    schedule = Schedule(warmup=min(50, max(1, tcfg.steps // 10)), total=tcfg.steps, decay="cosine", decay_start=0)
+    trainer = Trainer("vae", vae, cfg, steps=tcfg.steps, lr=tcfg.lr, schedule=schedule, out_dir=out_dir,
+                      tracker=tracker, device=device, weight_decay=0.0, grad_clip=tcfg.grad_clip,
+                      state={"rng": rng}, meta={"kind": "vae"}, log_prefix="vae")
+    trainer.start()
 
-    def save(step: int, keep: int = 2) -> Path:
-        state = {"optimizer": opt.state_dict(), "rng": rng.getstate(), "step": step}
-        return save_checkpoint(ckpt_dir, step, vae, trainer_state=state, meta={"kind": "vae"}, keep=keep)
+    def crops():
+        while True:
+            yield _random_crops(train, tcfg.batch_size, tcfg.crop, rng)
 
-    bar = tqdm(range(first_step, tcfg.steps), desc="vae", unit="step", initial=first_step, total=tcfg.steps)
+    def forward_backward(crops: torch.Tensor) -> dict:
+        x = crops.to(device)[:, :, None]  # (B, 3, 1, c, c): the Qwen-Image VAE is a video VAE with one frame
+        posterior = vae.encode(x).latent_dist
+        # Train on the posterior mean (the latents stage encodes with it too): sampling noise of std ~1 at init
+        # swamps the small initial means and the decoder learns to ignore the latent.
+        recon = decode_for_training(vae, posterior.mode())
+        # Objects cover a few percent of the pixels; without weighting them up, a from-scratch VAE sits for a
+        # long time at "background plus grey blobs" and never learns which colour an object has.
+        weight = 1 + (tcfg.foreground_weight - 1) * foreground_mask(x)
+        rec_loss = (weight * ((recon - x).abs() + (recon - x).pow(2))).mean()
+        loss = rec_loss + tcfg.kl_weight * posterior.kl().mean()
+        loss.backward()
+        return {"loss": loss.detach()}
+
     start = time.time()
-    with Preemption() as preemption:  # SIGTERM: checkpoint after the current step, then stop
-        for step in bar:
-            loss = _train_step(vae, opt, _random_crops(train, tcfg.batch_size, tcfg.crop, rng).to(device), tcfg,
-                               lr_at(step))
-            if step % cfg.cadence.log_every == 0 or step == tcfg.steps - 1:
-                bar.set_postfix(loss=f"{loss:.4f}")
-                tracker.log_metrics({"vae/loss": loss, "vae/lr": lr_at(step)}, step=step)
-            done = step + 1
-            if done < tcfg.steps and (done % cfg.cadence.checkpoint_every == 0 or preemption.requested):
-                path = save(done)
-                if preemption.requested:
-                    raise Preempted(f"vae: stopped by SIGTERM at step {done}; checkpoint {path} (rerun to resume)")
-    return _finish(cfg, vae, held, train, device, out_dir, tracker, start, save)
+    trainer.fit(forward_backward, crops, save_final=False)
+    return _finish(cfg, vae, held, train, device, out_dir, tracker, start, trainer)
 
 
-def _train_step(vae, opt, crops: torch.Tensor, tcfg, lr: float) -> float:
-    """One AdamW step on (B, 3, c, c) crops in [-1, 1]; returns the loss."""
-    for group in opt.param_groups:
-        group["lr"] = lr
-    x = crops[:, :, None]  # (B, 3, 1, c, c): the Qwen-Image VAE is a video VAE with one frame
-    posterior = vae.encode(x).latent_dist
-    # Train on the posterior mean (the latents stage encodes with it too): sampling noise of std ~1 at init
-    # swamps the small initial means and the decoder learns to ignore the latent.
-    recon = decode_for_training(vae, posterior.mode())
-    # Objects cover a few percent of the pixels; without weighting them up, a from-scratch VAE sits for a
-    # long time at "background plus grey blobs" and never learns which colour an object has.
-    weight = 1 + (tcfg.foreground_weight - 1) * foreground_mask(x)
-    rec_loss = (weight * ((recon - x).abs() + (recon - x).pow(2))).mean()
-    loss = rec_loss + tcfg.kl_weight * posterior.kl().mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(vae.parameters(), tcfg.grad_clip)
-    opt.step()
-    return loss.item()
-
-
-def _finish(cfg, vae, held, train, device, out_dir, tracker, start, save) -> StageResult:
+def _finish(cfg, vae, held, train, device, out_dir, tracker, start, trainer) -> StageResult:
     """Reconstruction PSNR on held-out images, latent statistics into the config, the final checkpoint."""
     tcfg = cfg.vae.train
     vae.eval()
@@ -157,7 +130,7 @@ def _finish(cfg, vae, held, train, device, out_dir, tracker, start, save) -> Sta
         z = torch.cat(latents, dim=1)  # (C, pixels)
         mean, std = z.mean(dim=1), z.std(dim=1).clamp_min(1e-4)
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-    ckpt = save(tcfg.steps, keep=1)  # the periodic checkpoints go: later stages load the final one
+    ckpt = trainer.save(final=True)
     vae.save_config(ckpt)  # config.json, with the latent statistics
 
     metrics = {"vae/psnr": float(np.mean(recon_psnr)), "vae/seconds": time.time() - start}
