@@ -1,14 +1,18 @@
 """Data-parallel training on CPU (gloo): a pretrain stage launched with torchrun on 2 processes follows the same loss
-trajectory as 1 process with the same global batch, only rank 0 logs to MLflow, and a 2-process FSDP2 (sharded)
-checkpoint resumes in a 1-process run."""
+trajectory as 1 process with the same global batch, only rank 0 logs to MLflow, a 2-process FSDP2 (sharded)
+checkpoint resumes in a 1-process run, and the README's multi-node launch (two torchrun nodes meeting at a c10d
+rendezvous) trains as one process does."""
 
 import shutil
+import socket
+import subprocess
 
 import pytest
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
+from kiln import distributed
 from kiln.checkpoint import list_checkpoints
 from kiln.config import load_config
 from kiln.tracking import Tracker
@@ -104,3 +108,43 @@ def test_a_failing_process_fails_the_stage_with_its_own_error(tmp_path):
     inputs = {"latents": str(tmp_path / "no-latents"), "vae": str(tmp_path / "no-vae")}
     with pytest.raises(FileNotFoundError, match="no-latents"):  # not retried by Prefect (a permanent error)
         launch("pretrain", _config("distributed.nproc_per_node=2"), inputs, out, None, rung_index=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_follow_one_process(one_process, smoke_latents, tmp_path, monkeypatch):
+    """The README's multi-node recipe on one machine: node 0 is the stage task's own launch() (it writes OUT/launch.json
+    and runs torchrun), node 1 runs the same torchrun command against that spec; the two agents meet at the c10d
+    rendezvous endpoint and each starts one process (world size 2 = 2 nodes x 1)."""
+    one_dir, one_losses = one_process
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # 2 processes on a 2-core machine: one thread each
+    out = tmp_path / "nodes"
+    out.mkdir()
+    cfg = _config("distributed.nnodes=2", "distributed.nproc_per_node=1",
+                  f"distributed.rdzv_endpoint=127.0.0.1:{_free_port()}", f"distributed.rdzv_id=test-{tmp_path.name}")
+    command = distributed.torchrun_command(cfg.distributed, "stages.worker", [str(out / "launch.json")])
+    assert {"--nproc-per-node=1", "--nnodes=2", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={cfg.distributed.rdzv_endpoint}", f"--rdzv-id={cfg.distributed.rdzv_id}"} <= set(command)
+    assert "--standalone" not in command
+    # Node 1 starts first, before the spec exists: its worker waits for node 0's task to write it (shared storage).
+    other_node = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run_id = _new_run("two-nodes")
+        result = launch("pretrain", cfg, _inputs(smoke_latents), out, run_id, rung_index=0)
+        log, _ = other_node.communicate(timeout=120)
+    finally:
+        if other_node.poll() is None:
+            other_node.kill()
+            other_node.wait()
+    assert other_node.returncode == 0, log[-3000:]
+    assert result.metrics["steps"] == STEPS
+    losses, steps = _losses(run_id)
+    # One entry a step: global rank 0 alone logs (on whichever node the rendezvous gave rank 0).
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert losses == pytest.approx(one_losses, rel=1e-4)  # the same tolerance as 2 processes on one node
+    _assert_close_weights(one_dir / "checkpoints" / f"step-{STEPS}", out / "checkpoints" / f"step-{STEPS}")
+    assert not list(out.glob(".error-rank-*.json"))

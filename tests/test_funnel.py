@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from data.curate import _ordered_bounded_map, curate
+from data.funnel import THUMB
 from data.shards import iter_samples, read_manifest
 from kiln.config import load_config
 
@@ -89,7 +90,10 @@ def test_every_operator_drops_its_planted_case_and_clean_images_pass(folder, tmp
     assert len(samples) == 2 * N_CLEAN
     assert all(s["image"].size == s["bucket"] for s in samples)
     assert {s["caption"] for s in samples} == {f"clean scene {i}" for i in range(N_CLEAN)}
-    assert funnel.example_grid() is not None
+    # One row of thumbnails per operator that dropped a decodable image (an unreadable file has none; duplicates
+    # keep none, their first copy is in the shards).
+    grid = funnel.example_grid()
+    assert grid.height == THUMB * len(set(expected) - {"unreadable", "exact_duplicate", "near_duplicate"})
 
 
 def test_result_is_the_same_with_two_worker_processes(folder, tmp_path):

@@ -24,11 +24,18 @@ def smoke_run(prefect_harness, tmp_path_factory, pickapic_parquet):
 
 
 def test_every_stage_writes_its_output(smoke_run):
-    root, outputs, _ = smoke_run
+    from kiln.config import load_config
+    from stages.registry import STAGES as SPECS
+    from stages.registry import pipeline_plan
+
+    root, outputs, overrides = smoke_run
     assert list(outputs) == STAGES
+    kinds = {stage.name: stage.kind for stage in pipeline_plan(load_config("smoke", overrides))}
     for name in STAGES:
         manifest = json.loads((root / "e2e" / name / "manifest.json").read_text())
         assert manifest["stage"] == name and manifest["cache_key"] and manifest["content_hash"]
+        # What a rerun checks before reusing the output: the registry hashes it as the stage did.
+        assert SPECS[kinds[name]].output_hash(root / "e2e" / name) == manifest["content_hash"], name
     assert (root / "e2e" / "data" / "shards" / "manifest.json").exists()
     assert list((root / "e2e" / "pretrain-64" / "checkpoints").glob("step-4/model.safetensors"))
     assert (root / "e2e" / "eval-pretrain-64" / "samples" / "grid.png").exists()
@@ -81,11 +88,28 @@ def test_rerun_skips_finished_stages(smoke_run, prefect_harness):
     assert before == after
 
 
+def test_a_damaged_output_is_rerun_and_the_stages_after_it_reused(smoke_run, prefect_harness):
+    """A latents shard truncated by hand after its stage finished: the rerun notices (the shard no longer hashes to
+    the manifest's content hash) and encodes the latents again; they come out the same, so nothing after reruns."""
+    from flows.pipeline import pipeline
+
+    root, _, overrides = smoke_run
+    latents = root / "e2e" / "latents"
+    before = {p.parent.name: p.stat().st_mtime for p in (root / "e2e").glob("*/manifest.json")}
+    old_hash = json.loads((latents / "manifest.json").read_text())["content_hash"]
+    shard = next((latents / "shards").glob("*/shard-*.tar"))
+    shard.write_bytes(shard.read_bytes()[:1024])
+    pipeline(preset="smoke", overrides=overrides, run_name="e2e")
+    after = {p.parent.name: p.stat().st_mtime for p in (root / "e2e").glob("*/manifest.json")}
+    assert [name for name in STAGES if after[name] != before[name]] == ["latents"]
+    assert json.loads((latents / "manifest.json").read_text())["content_hash"] == old_hash
+
+
 def test_generate_cli_writes_pngs(smoke_run, tmp_path):
     root, outputs, _ = smoke_run
     out = tmp_path / "png"
     result = subprocess.run(
-        [sys.executable, "-m", "kiln.cli", "generate", "--from", outputs["pretrain-64"], "--prompt", "a red circle",
+        [sys.executable, "-m", "kiln_cli", "generate", "--from", outputs["pretrain-64"], "--prompt", "a red circle",
          "--n", "2", "--steps", "2", "--width", "48", "--height", "64", "--out", str(out)],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -96,7 +120,7 @@ def test_generate_cli_writes_pngs(smoke_run, tmp_path):
 
 
 def _kiln(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "kiln_cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_bad_config_is_one_line_and_runs_nothing(tmp_path):
@@ -154,7 +178,7 @@ def test_force_from_and_only_pick_the_stages_that_run(smoke_run, prefect_harness
 
 def test_only_without_earlier_outputs_is_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "kiln.cli", "run", "--preset", "smoke", "--set", f"run_dir={tmp_path}",
+        [sys.executable, "-m", "kiln_cli", "run", "--preset", "smoke", "--set", f"run_dir={tmp_path}",
          "--run-name", "empty", "--only", "eval-dpo"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -162,9 +186,10 @@ def test_only_without_earlier_outputs_is_one_line(tmp_path):
 
 
 def test_gpu_slot_keeps_two_stages_off_one_gpu(prefect_harness):
-    """With a 1-slot global concurrency limit, two stages that want the GPU at once run one after the other."""
+    """With a 1-slot global concurrency limit, two stages that want the GPU at once run one after the other: the
+    server counts the holder's slot, and the second stage gets in only after the first has left. Checked by the order
+    of events, not by timings: a broken limit shows as the second stage entering while the first holds the slot."""
     import threading
-    import time
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -173,21 +198,41 @@ def test_gpu_slot_keeps_two_stages_off_one_gpu(prefect_harness):
 
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="test-gpu", limit=1))
-    spans = []
+    events, lock = [], threading.Lock()
+    first_in, second_asking, second_in = threading.Event(), threading.Event(), threading.Event()
+    held = []
 
-    def stage():
+    def record(event):
+        with lock:
+            events.append(event)
+
+    def first():
         with gpu_slot("test-gpu"):
-            start = time.monotonic()
-            time.sleep(1.0)
-            spans.append((start, time.monotonic()))
+            record("first in")
+            with get_client(sync_client=True) as client:
+                held.append(client.read_global_concurrency_limit_by_name("test-gpu").active_slots)
+            first_in.set()
+            second_asking.wait(timeout=120)
+            # Hold the slot a while: a limit that let the second stage in would let it in now (a wait for an event
+            # that must not happen; nothing is asserted on how long anything took).
+            second_in.wait(timeout=2)
+            record("first out")
 
-    threads = [threading.Thread(target=stage) for _ in range(2)]
+    def second():
+        first_in.wait(timeout=120)
+        second_asking.set()
+        with gpu_slot("test-gpu"):
+            record("second in")
+            second_in.set()
+        record("second out")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
-    (a_start, a_end), (b_start, b_end) = sorted(spans)
-    assert b_start >= a_end - 0.05  # no overlap
+        thread.join(timeout=240)
+    assert held == [1]  # the server counts the first stage's slot
+    assert events == ["first in", "first out", "second in", "second out"]
     with gpu_slot("no-such-limit"):  # an undefined limit limits nothing
         pass
 

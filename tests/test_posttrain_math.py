@@ -184,7 +184,7 @@ def test_group_advantages():
     assert torch.equal(group_advantages(rewards, 3, scale_rewards="none"), group_advantages(rewards, 3, False))
     batch = group_advantages(rewards, 3, scale_rewards="batch")
     assert torch.allclose(batch, torch.tensor([-1.0, 0, 1, 0, 0, 0]) / (rewards.std() + 1e-4))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^rewards must be \(B,\) with B a multiple of num_generations=4$"):
         group_advantages(rewards, 4)
 
 

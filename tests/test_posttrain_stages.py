@@ -7,11 +7,11 @@ from safetensors.torch import load_file
 
 from data.shards import iter_samples
 from kiln.checkpoint import latest_checkpoint
-from kiln.config import SftConfig, load_config
+from kiln.config import ConfigError, SftConfig, load_config
 from kiln.tracking import Tracker
 from stages import dpo, grpo, preference, sft
 from stages.common import run_without_orchestration
-from stages.policy import Policy
+from kiln.trainer import Trainer
 
 
 class Recorder(Tracker):
@@ -90,10 +90,9 @@ def test_sft_with_too_strict_curation_says_so(pretrained, tmp_path):
 def test_pairs_load_from_a_pickapic_layout_dataset(labelled_pairs, pretrained, pickapic_parquet):
     import pandas as pd
 
-    from kiln.vae import encode_images
+    from kiln.images import image_tensor
+    from kiln.vae import encode_images, vae_for
     from stages.preference import _as_image, _square
-    from stages.sampling import vae_for
-    from stages.vae import image_tensor
 
     _, latents = pretrained
     pairs = list(iter_samples(labelled_pairs / "shards", load_images=False))
@@ -140,16 +139,39 @@ def test_sampled_pairs_keep_best_against_worst(pretrained, tmp_path, monkeypatch
     assert not torch.equal(pairs[0]["chosen"], pairs[0]["rejected"])
 
 
-def test_reward_stage_trains_and_reports_held_out_accuracy(labelled_pairs, pretrained, tmp_path):
-    from stages.reward import load_reward_model
+def _bradley_terry_loss_on(model, pairs_dir):
+    """The reward model's mean Bradley-Terry loss over every preference record's best against worst image."""
+    from data.shards import pad_and_stack
+    from reward.model import bradley_terry_loss
 
-    _, latents = pretrained
-    recorder = Recorder()
+    records = list(iter_samples(pairs_dir / "shards", load_images=False))
+    better = torch.stack([r["images"][r["scores"].argmax()] for r in records]).float() / 127.5 - 1  # (N, 3, H, W)
+    worse = torch.stack([r["images"][r["scores"].argmin()] for r in records]).float() / 127.5 - 1
+    text = pad_and_stack([r["text_emb"].float() for r in records])  # (N, L, D)
+    mask = pad_and_stack([r["text_mask"].bool() for r in records])  # (N, L)
+    with torch.no_grad():
+        return bradley_terry_loss(model(better, text, mask), model(worse, text, mask)).item()
+
+
+def test_reward_stage_trains_and_reports_held_out_accuracy(labelled_pairs, pretrained, tmp_path):
+    from reward.model import load_reward_model
     from stages import reward
 
-    result = reward.run(_cfg("reward.steps=4"), {"pairs": labelled_pairs, "vae": latents / "vae"}, tmp_path, recorder)
-    assert set(result.metrics) >= {"reward/val_accuracy", "reward/train_accuracy"}
+    _, latents = pretrained
+    inputs = {"pairs": labelled_pairs, "vae": latents / "vae"}
+    # One step leaves the model where it started (loss log 2); 20 steps of 4 pairs go over the 6 training pairs
+    # many times (at 3x the default lr, to keep it short).
+    barely = reward.run(_cfg("reward.steps=1", "reward.lr=3e-3"), inputs, tmp_path / "one-step", Tracker(None))
+    result = reward.run(_cfg("reward.steps=20", "reward.lr=3e-3"), inputs, tmp_path, Tracker(None))
     assert result.metrics["reward/pairs_val"] + result.metrics["reward/pairs_train"] == 8
+    assert (result.metrics["reward/prompts_train"], result.metrics["reward/prompts_val"]) == (6, 2)
+    # Training lowered the loss on the pairs (6 of the 8 are its training pairs; measured 0.693 -> 0.209) and ranks
+    # more of its training pairs right (measured 1/3 -> 1).
+    before = _bradley_terry_loss_on(load_reward_model(tmp_path / "one-step"), labelled_pairs)
+    after = _bradley_terry_loss_on(load_reward_model(tmp_path), labelled_pairs)
+    assert before == pytest.approx(0.693, abs=0.01) and after < 0.6 * before, (before, after)
+    assert result.metrics["reward/train_accuracy"] > barely.metrics["reward/train_accuracy"]
+    assert 0.0 <= result.metrics["reward/val_accuracy"] <= 1.0  # 2 held-out prompts: too few to ask more of
     model = load_reward_model(tmp_path)
     assert model(torch.zeros(2, 3, 64, 64), torch.zeros(2, 5, 384), torch.ones(2, 5, dtype=torch.bool)).shape == (2,)
 
@@ -161,15 +183,53 @@ def test_reward_stage_trains_and_reports_held_out_accuracy(labelled_pairs, pretr
     assert with_data["reward/pairs_train"] == result.metrics["reward/pairs_train"] + with_data["reward/data_pairs"]
 
 
-def _crash_at(monkeypatch, method: str, step: int):
-    original = getattr(Policy, method)
+def test_dpo_trains_the_policy_to_prefer_the_chosen_images_of_its_pairs(labelled_pairs, pretrained, tmp_path):
+    """After DPO, the policy's flow-matching error on each pair's chosen latent, relative to the rejected one, is
+    lower than the reference's (the init's EMA): DPO's implicit reward margin is positive. Measured on the 8
+    training pairs at fresh draws of t and noise (not the ones trained on); at the start every margin is exactly 0."""
+    from data.shards import pad_and_stack
+    from kiln.checkpoint import load_weights, resolve_checkpoint
+    from kiln.dpo import preference_errors
+    from kiln.models import build_backbone
+
+    root, latents = pretrained
+    cfg = _cfg("dpo.max_steps=8", "dpo.per_device_train_batch_size=4")  # 4 epochs of the 8 pairs
+    dpo.run(cfg, {"pairs": labelled_pairs, "init": root / "pretrain", "vae": latents / "vae"}, tmp_path, Tracker(None))
+
+    def model(stage_dir, which):
+        module = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
+        load_weights(resolve_checkpoint(stage_dir), module, which)
+        return module.eval()
+
+    policy, reference = model(tmp_path, "model"), model(root / "pretrain", "ema")
+    pairs = list(iter_samples(labelled_pairs / "shards", load_images=False))
+    chosen = torch.stack([p["chosen"] for p in pairs]).float()  # (8, C, h, w)
+    rejected = torch.stack([p["rejected"] for p in pairs]).float()
+    text = pad_and_stack([p["text_emb"].float() for p in pairs])  # (8, L, D)
+    mask = pad_and_stack([p["text_mask"].bool() for p in pairs])  # (8, L)
+    generator, margins = torch.Generator().manual_seed(1234), []
+    with torch.no_grad():
+        for _ in range(8):  # draws of (t, noise) per pair, shared by its chosen and rejected latents
+            t, noise = torch.rand(len(pairs), generator=generator), torch.randn(chosen.shape, generator=generator)
+            policy_chosen, policy_rejected = preference_errors(policy, chosen, rejected, text, mask, t, noise)
+            ref_chosen, ref_rejected = preference_errors(reference, chosen, rejected, text, mask, t, noise)
+            # (8,): DPO's implicit reward margin divided by beta
+            margins.append((ref_chosen - ref_rejected) - (policy_chosen - policy_rejected))
+    margins = torch.stack(margins)  # (draws, pairs)
+    # Measured at 9d868ce: mean 5.5e-5 (the errors are ~2.5), positive in 58 of the 64 (draw, pair) cases.
+    assert margins.mean() > 0
+    assert (margins > 0).float().mean() > 0.65  # the implicit reward accuracy, from 0 at the start
+
+
+def _crash_at(monkeypatch, step: int):
+    original = Trainer.train_step
 
     def crashing(self, *args, **kwargs):
-        if self.step_count == step:
+        if self.step == step:
             raise RuntimeError("simulated crash")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Policy, method, crashing)
+    monkeypatch.setattr(Trainer, "train_step", crashing)
 
 
 @pytest.mark.parametrize("stage", ["dpo", "grpo"])
@@ -187,7 +247,7 @@ def test_preference_stages_resume_to_identical_weights(stage, labelled_pairs, pr
     else:
         assert {"train/reward", "train/kl", "train/clipfrac", "train/reward_verifier"} <= logged
 
-    _crash_at(monkeypatch, "update" if stage == "dpo" else "optimizer_step", 3 if stage == "dpo" else 2)
+    _crash_at(monkeypatch, 3 if stage == "dpo" else 2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         module.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
     monkeypatch.undo()
@@ -209,16 +269,15 @@ def test_preference_stages_checkpoint_on_sigterm(stage, labelled_pairs, pretrain
     cfg = _cfg("cadence.checkpoint_every=100", "dpo.max_steps=3", "grpo.max_steps=3", "grpo.reward=verifier")
     inputs = {"pairs": labelled_pairs, "init": root / "pretrain", "vae": latents / "vae"}
     module.run(cfg, inputs, tmp_path / "straight", Tracker(None))
-    method = "update" if stage == "dpo" else "optimizer_step"
-    original = getattr(Policy, method)
+    original = Trainer.train_step
 
     def preempted_after_first(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        if self.step_count == 1:
+        if self.step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(Policy, method, preempted_after_first)
+    monkeypatch.setattr(Trainer, "train_step", preempted_after_first)
     with pytest.raises(Preempted, match=f"{stage}: stopped by SIGTERM at step 1"):
         module.run(cfg, inputs, tmp_path / "preempted", Tracker(None))
     assert latest_checkpoint(tmp_path / "preempted" / "checkpoints").name == "step-1"
@@ -229,19 +288,30 @@ def test_preference_stages_checkpoint_on_sigterm(stage, labelled_pairs, pretrain
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_grpo_reward_can_be_the_learned_model_or_a_weighted_sum(labelled_pairs, pretrained, tmp_path):
+def test_grpo_reward_can_be_the_learned_model_or_a_weighted_sum(labelled_pairs, pretrained, tmp_path, monkeypatch):
     from stages import reward
 
     root, latents = pretrained
+    # A smoke model draws nothing the verifier accepts (it scores 0): a planted verifier gives its term a value.
+    monkeypatch.setattr("reward.verifier.score", lambda image, caption: 0.5)
     reward.run(_cfg("reward.steps=2"), {"pairs": labelled_pairs, "vae": latents / "vae"}, tmp_path / "rm", Tracker(None))
+    logged = {}
     for kind in ("reward_model", "weighted"):
         recorder = Recorder()
-        grpo.run(_cfg(f"grpo.reward={kind}", "grpo.max_steps=1"),
+        grpo.run(_cfg(f"grpo.reward={kind}", "grpo.max_steps=1",
+                      "grpo.reward_weights={verifier: 0.25, reward_model: 2.0}"),
                  {"init": root / "pretrain", "vae": latents / "vae", "reward": tmp_path / "rm"}, tmp_path / kind,
                  recorder)
-        logged = {k for m in recorder.metrics for k in m}
-        assert "train/reward_reward_model" in logged
-        assert ("train/reward_verifier" in logged) == (kind == "weighted")
+        (logged[kind],) = [m for m in recorder.metrics if "train/reward" in m]  # max_steps=1: one step logged
+    only_model, weighted = logged["reward_model"], logged["weighted"]
+    assert "train/reward_verifier" not in only_model
+    assert only_model["train/reward"] == pytest.approx(only_model["train/reward_reward_model"], rel=1e-6)
+    # The first step's samples do not depend on the reward (same seed, nothing trained yet): both runs scored the same
+    # images with the same learned model, and the weighted reward is the configured sum of its parts.
+    assert weighted["train/reward_reward_model"] == pytest.approx(only_model["train/reward_reward_model"], rel=1e-6)
+    assert weighted["train/reward_verifier"] == 0.5
+    assert weighted["train/reward"] == pytest.approx(
+        0.25 * weighted["train/reward_verifier"] + 2.0 * weighted["train/reward_reward_model"], rel=1e-5, abs=1e-6)
 
 
 def test_reward_pairs_are_every_differently_scored_two_of_a_prompt():
@@ -287,7 +357,8 @@ def test_grpo_prompts_cycle_through_the_configured_kinds():
     for kind, text in prompts:
         spec = parse_caption(text)
         assert spec.kind == kind and (spec.colour, spec.shape) not in held_out
-    with pytest.raises(Exception, match="prompt_kinds"):
+    with pytest.raises(ConfigError, match=r"^config: bad value for 'grpo\.prompt_kinds\.0': .*'single', 'count' or "
+                                          r"'relation' \(got 'squares'\)$"):
         load_config("tiny", ["grpo.prompt_kinds=[squares]"])
 
 

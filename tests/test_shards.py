@@ -157,7 +157,7 @@ def test_writer_rejects_bad_input(tmp_path):
 
 def test_writer_crash_leaves_no_manifest_and_no_half_shard(tmp_path):
     out_dir = tmp_path / "crash"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^boom$"):  # the error inside the block, not one of the writer's
         with ShardWriter(out_dir, max_samples_per_shard=2) as writer:
             for i in range(3):  # one full shard, one half shard
                 writer.write((32, 32), f"k{i}", "c")

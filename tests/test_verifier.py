@@ -64,7 +64,7 @@ def test_accepts_numpy_arrays_and_specs():
     from_array = verify(np.asarray(image), spec)
     assert isinstance(from_array, Verdict) and from_array.correct
     assert score(image, spec) == 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^expected an HxWx3 uint8 array, got \(8, 8\) uint8$"):
         detect_objects(np.zeros((8, 8), dtype=np.uint8))
 
 
