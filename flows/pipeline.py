@@ -1,10 +1,12 @@
 """The Kiln pipeline as a Prefect flow: data -> vae -> latents -> pretrain rungs -> sft -> preference -> reward ->
-dpo -> grpo, with an eval stage after every stage that trains the generator.
+dpo -> grpo, with an eval stage after every stage that trains the generator. The stages, their order, wiring and
+cache keys are declared in stages/registry.py; this module runs them.
 
 Every stage is a Prefect task tagged `gpu` and an MLflow child run nested in the pipeline's parent run. A stage
 whose output folder already holds a manifest with the same cache key (same stage config, same input content,
-same code) is skipped, and its MLflow run points at the run that produced it. `force`, `from_stage` and `only`
-(the CLI's --force, --from, --only) override that per stage: see `stage_modes`.
+same code it uses) is skipped, and its MLflow run points at the run that produced it, unless its output no longer
+matches the manifest's content hash (a file changed since), which reruns it. `force`, `from_stage` and `only` (the
+CLI's --force, --from, --only) override that per stage: see `stage_modes`.
 """
 
 from __future__ import annotations
@@ -23,52 +25,16 @@ from prefect.concurrency.sync import concurrency
 
 from kiln.checkpoint import resolve_checkpoint
 from kiln.config import KilnConfig, config_from_dict, load_config
-from kiln.preemption import Preempted
-from kiln.stage_io import cache_key, read_stage_manifest, write_stage_manifest
+from kiln.errors import is_permanent
+from kiln.stage_io import read_stage_manifest, write_stage_manifest
 from kiln.tracking import Tracker, register_model, start_run
-from stages.worker import DATA_PARALLEL_KINDS, launch
-
-# Which config sections each stage depends on (its cache key covers only these).
-STAGE_SECTIONS = {
-    "data": ("seed", "data", "text_encoder", "train.rungs.resolution", "sampler.negative_prompt"),
-    "vae": ("seed", "vae"),
-    "latents": ("vae",),
-    "pretrain": ("seed", "model", "objective", "scheduler", "train", "text_encoder"),
-    "eval": ("eval", "sampler", "scheduler"),
-    "sft": ("seed", "sft", "model", "objective", "scheduler", "train", "text_encoder", "data.aspect_ratios"),
-    "preference": ("preference", "sampler.negative_prompt", "scheduler", "eval.resolution", "data.holdout_seed"),
-    "reward": ("seed", "reward"),
-    "features": ("seed", "features"),
-    "dpo": ("seed", "dpo", "objective", "scheduler"),
-    "grpo": ("grpo", "sampler.negative_prompt", "scheduler", "data.holdout_seed"),
-}
-
-
-def _stage_config(cfg: KilnConfig, kind: str, rung_index: int | None) -> dict:
-    tree = cfg.model_dump(mode="json")
-    out = {}
-    for section in STAGE_SECTIONS[kind]:
-        if section == "train.rungs.resolution":
-            out[section] = [r["resolution"] for r in tree["train"]["rungs"]]
-        elif section == "train" and rung_index is not None:
-            out[section] = {**tree["train"], "rungs": tree["train"]["rungs"][rung_index]}
-        else:  # a section or a dotted key inside one
-            node = tree
-            for part in section.split("."):
-                node = node[part]
-            out[section] = node
-    return out
+from stages.registry import STAGES, pipeline_plan, stage_cache_key
+from stages.worker import launch
 
 
 def stage_names(cfg: KilnConfig) -> list[str]:
-    """Every stage of this config's pipeline, in the order the flow runs them."""
-    names = ["data", "vae", "latents"]
-    for rung in cfg.train.rungs:
-        names += [f"pretrain-{rung.resolution}", f"eval-pretrain-{rung.resolution}"]
-    for stage in ("sft", "preference", "reward", "dpo", "grpo"):
-        if stage in cfg.post_training:
-            names += [stage, f"eval-{stage}"] if stage in ("sft", "dpo", "grpo") else [stage]
-    return names
+    """Every stage of this config's pipeline, in the order the flow runs them (stages/registry.py's plan)."""
+    return [stage.name for stage in pipeline_plan(cfg)]
 
 
 def stage_modes(cfg: KilnConfig, force=(), from_stage: str | None = None, only=(),
@@ -99,20 +65,14 @@ def stage_modes(cfg: KilnConfig, force=(), from_stage: str | None = None, only=(
     return {name: "force" if name in force or i >= start else "auto" for i, name in enumerate(names)}
 
 
-# Failures a retry cannot fix (bad config or data, a NaN loss, a missing input, pre-emption): the stage fails once
-# with its one-line message and keeps its last good checkpoint. Anything else (I/O, a lost GPU, a dropped
-# connection) is retried, resuming from that checkpoint.
-PERMANENT_ERRORS = (ValueError, FloatingPointError, FileNotFoundError, FileExistsError, KeyError, TypeError, Preempted)
-
-
 def retry_transient(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn: retry unless the stage failed for a real reason (PERMANENT_ERRORS)."""
-    return not isinstance(state.data, PERMANENT_ERRORS)
+    """Prefect retry_condition_fn: retry unless the stage failed for a real reason (kiln/errors.py)."""
+    return not is_permanent(state.data)
 
 
 def stage_module(kind: str):
     """The plain-function module that implements a stage kind (stages/<kind>.py)."""
-    return importlib.import_module(f"stages.{kind}")
+    return importlib.import_module(STAGES[kind].module)
 
 
 def gpu_slot(limit_name: str | None):
@@ -153,6 +113,33 @@ def claim_output(out_dir: Path, key: str) -> Path | None:
     return moved
 
 
+def output_damage(kind: str, out_dir: Path, manifest: dict) -> str | None:
+    """Why a finished output can no longer be reused (a file changed, truncated or gone since its stage wrote the
+    manifest), or None when its content hash still matches the manifest's."""
+    try:
+        found = STAGES[kind].output_hash(out_dir)
+    except (OSError, ValueError) as error:  # e.g. a shard manifest that is gone or no longer parses
+        return f"can no longer be read ({error})"
+    recorded = str(manifest.get("content_hash"))
+    if found != recorded:
+        return f"changed since it finished (content hash {found[:12]}, manifest {recorded[:12]})"
+    return None
+
+
+def reusable(name: str, kind: str, mode: str, out_dir: Path, existing: dict | None, key: str) -> bool:
+    """Whether the finished output in out_dir stands in for running the stage: it is to be reused (--only), or
+    its cache key is current; and its files still hash to the manifest's content hash. A changed output is rerun
+    (one line says why), or under --only, which runs nothing else, is an error."""
+    if existing is None or not (mode == "reuse" or mode == "auto" and existing.get("cache_key") == key):
+        return False
+    damage = output_damage(kind, out_dir, existing)
+    if damage and mode == "reuse":
+        raise ValueError(f"--only: stage {name}'s output in {out_dir} {damage}; run it again first")
+    if damage:
+        print(f"{name}: rerunning, its finished output {damage}")
+    return damage is None
+
+
 @task(name="stage", tags=["gpu"], cache_policy=NO_CACHE, task_run_name="{name}", retries=2, retry_delay_seconds=10,
       retry_condition_fn=retry_transient)
 def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str, parent_run_id: str | None,
@@ -174,11 +161,12 @@ def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str
         if manifest is None:
             raise FileNotFoundError(f"{name}: input '{key}' at {path} has no manifest.json (its stage did not finish)")
         input_hashes[key] = manifest["content_hash"]
-    key = cache_key(kind, _stage_config(cfg, kind, rung_index), input_hashes)
+    key = stage_cache_key(cfg, kind, input_hashes, rung_index)
     tags = {"kiln.stage": name, "kiln.cache_key": key, "kiln.pipeline_run": Path(run_root).name}
     existing = read_stage_manifest(out_dir)
+    reuse = reusable(name, kind, mode, out_dir, existing, key)
     tracker = start_run(cfg.experiment, name, parent_run_id, tags) if parent_run_id else Tracker(None)
-    if existing and (mode == "reuse" or mode == "auto" and existing.get("cache_key") == key):
+    if reuse:
         tracker.set_tags({"kiln.skipped": "true", "kiln.produced_by": existing.get("mlflow_run_id", "")})
         tracker.log_metrics({k: v for k, v in existing.get("metrics", {}).items() if isinstance(v, (int, float))})
         tracker.end()
@@ -192,7 +180,7 @@ def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str
     try:
         extra = {"rung_index": rung_index} if rung_index is not None else {}
         with gpu_slot(cfg.gpu_concurrency_limit):
-            if cfg.distributed.world_size > 1 and kind in DATA_PARALLEL_KINDS:
+            if cfg.distributed.world_size > 1 and STAGES[kind].data_parallel:
                 result = launch(kind, cfg, inputs, out_dir, tracker.run_id, rung_index)  # torchrun, N processes
             else:
                 result = module.run(cfg, inputs, out_dir, tracker, **extra)
@@ -210,34 +198,6 @@ def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str
     )
     tracker.end()
     return str(out_dir)
-
-
-def _post_training(cfg: KilnConfig, outputs: dict, last: str, common: dict) -> None:
-    """sft -> preference -> reward -> dpo -> grpo (those in cfg.post_training), each generator stage evaluated."""
-    post, vae = cfg.post_training, outputs["vae"]
-
-    def evaluate(name: str) -> None:
-        outputs[f"eval-{name}"] = stage_task(f"eval-{name}", "eval", inputs={"model": outputs[name]}, **common)
-
-    if "sft" in post:
-        outputs["sft"] = stage_task("sft", "sft", inputs={"latents": outputs["latents"], "vae": vae, "init": last},
-                                    **common)
-        evaluate("sft")
-        last = outputs["sft"]
-    if "preference" in post:
-        outputs["preference"] = stage_task("preference", "preference", inputs={"model": last, "vae": vae}, **common)
-    if "reward" in post:
-        outputs["reward"] = stage_task("reward", "reward", inputs={"pairs": outputs["preference"], "vae": vae,
-                                                                   "data": outputs["data"]}, **common)
-    if "dpo" in post:
-        outputs["dpo"] = stage_task("dpo", "dpo", inputs={"pairs": outputs["preference"], "init": last, "vae": vae},
-                                    **common)
-        evaluate("dpo")
-        last = outputs["dpo"]
-    if "grpo" in post:
-        outputs["grpo"] = stage_task("grpo", "grpo", inputs={"init": last, "vae": vae, "reward": outputs.get("reward")},
-                                     **common)
-        evaluate("grpo")
 
 
 COMPARISON_METRICS = {
@@ -279,35 +239,28 @@ def pipeline(preset: str = "tiny", overrides: list[str] | None = None, run_name:
     parent_id = parent.run_id if parent else None
     if parent:
         parent.log_params(tree)
+    plan = pipeline_plan(cfg)
     outputs: dict[str, str] = {}
     try:
         common = dict(cfg_tree=tree, run_root=str(run_root), parent_run_id=parent_id, modes=modes)
-        outputs["data"] = stage_task("data", "data", inputs={}, **common)
-        outputs["vae"] = stage_task("vae", "vae", inputs={"data": outputs["data"]}, **common)
-        outputs["latents"] = stage_task("latents", "latents",
-                                        inputs={"data": outputs["data"], "vae": outputs["vae"]}, **common)
-        previous = None
-        for i, rung in enumerate(cfg.train.rungs):
-            name = f"pretrain-{rung.resolution}"
-            outputs[name] = stage_task(name, "pretrain", rung_index=i, **common,
-                                       inputs={"latents": outputs["latents"], "vae": outputs["vae"], "init": previous})
-            outputs[f"eval-{name}"] = stage_task(f"eval-{name}", "eval", inputs={"model": outputs[name]}, **common)
-            previous = outputs[name]
-        _post_training(cfg, outputs, previous, common)
+        for stage in plan:
+            inputs = {key: outputs[source] if source else None for key, source in stage.inputs.items()}
+            outputs[stage.name] = stage_task(stage.name, stage.kind, inputs=inputs, rung_index=stage.rung_index,
+                                             **common)
     except BaseException:
         if parent:
             parent.end("FAILED")
         raise
     if parent:
-        evals = {name: read_stage_manifest(Path(path)).get("metrics", {}) for name, path in outputs.items()
-                 if name.startswith("eval-") and modes[name] != "skip"}
+        evals = {stage.name: read_stage_manifest(Path(outputs[stage.name])).get("metrics", {}) for stage in plan
+                 if stage.kind == "eval" and modes[stage.name] != "skip"}
         if evals:
             parent.log_metrics(list(evals.values())[-1])  # the final model's evaluation
             parent.log_table(comparison_rows(evals), "stage_comparison.json")
         parent.set_tags({"kiln.run_dir": str(run_root.resolve())})
         # The final generator in the model registry, aliased by this pipeline run's name.
-        final = next((name for name in ("grpo", "dpo", "sft", previous and Path(previous).name)
-                      if name in outputs and modes.get(name) != "skip"), None)
+        final = next((stage.name for stage in reversed(plan)
+                      if STAGES[stage.kind].trains_generator and modes[stage.name] != "skip"), None)
         if final:
             manifest = read_stage_manifest(Path(outputs[final]))
             model_name = f"{cfg.experiment}-{cfg.name}"

@@ -22,6 +22,7 @@ from kiln.config import load_config
 from kiln.models import build_backbone, count_parameters
 from kiln.stage_io import read_stage_manifest
 from kiln.tracking import start_run
+from stages.registry import LATEST_GENERATOR, stage_inputs
 
 SYSTEMS = ("ddpm", "sd1", "sd2", "dit", "sd3", "qwen-image-tiny")
 STEP_COUNTS = (5, 10, 25, 50, 100)
@@ -105,10 +106,9 @@ def compare_systems(systems: list[str] | None = None, steps: list[int] | None = 
     rows = []
     try:
         common = dict(cfg_tree=base.model_dump(mode="json"), run_root=str(run_root), parent_run_id=parent_id)
-        data = stage_task("data", "data", inputs={}, **common)
-        vae = stage_task("vae", "vae", inputs={"data": data}, **common)
-        latents = stage_task("latents", "latents", inputs={"data": data, "vae": vae}, **common)
-        features = stage_task("features", "features", inputs={"data": data}, **common)
+        shared: dict[str, str | None] = {}  # stage kind -> its output folder, shared by every system
+        for kind in ("data", "vae", "latents", "features"):
+            shared[kind] = stage_task(kind, kind, inputs=stage_inputs(kind, shared), **common)
         rung = base.train.rungs[-1].resolution
         for name, cfg in system_cfgs.items():
             system_run = start_run(cfg.experiment, name, parent_id, {"kiln.pipeline_run": run_name,
@@ -116,13 +116,13 @@ def compare_systems(systems: list[str] | None = None, steps: list[int] | None = 
             tree = cfg.model_dump(mode="json")
             mine = dict(run_root=str(run_root), parent_run_id=system_run.run_id if system_run else None)
             model = stage_task(f"{name}/pretrain-{rung}", "pretrain", cfg_tree=tree, rung_index=0, **mine,
-                               inputs={"latents": latents, "vae": vae, "init": None})
+                               inputs=stage_inputs("pretrain", {**shared, LATEST_GENERATOR: None}))
             train_metrics = read_stage_manifest(Path(model))["metrics"]
             parameters = count_parameters(build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim, "meta"))
             for n in steps:
                 eval_tree = {**tree, "eval": {**tree["eval"], "steps": n}}
                 out = stage_task(f"{name}/eval-{n}-steps", "eval", cfg_tree=eval_tree, **mine,
-                                 inputs={"model": model, "features": features})
+                                 inputs=stage_inputs("eval", {**shared, LATEST_GENERATOR: model}))
                 metrics = read_stage_manifest(Path(out))["metrics"]
                 row = {"system": name, "steps": n, **{label: metrics.get(key) for label, key in COLUMNS.items()},
                        "parameters (M)": round(parameters / 1e6, 2),

@@ -1,15 +1,16 @@
 """Multi-process training stages: `launch()` runs a stage under torchrun and returns what rank 0 produced.
 
 The stage task calls `launch()` when the config asks for more than one process (distributed.nproc_per_node x
-nnodes) and the stage trains the generator (DATA_PARALLEL_KINDS: pretrain rungs, sft, dpo, grpo). It writes the
+nnodes) and the stage is data parallel (stages/registry.py: pretrain rungs, sft, dpo, grpo). It writes the
 stage's spec (kind, config, inputs, output folder, MLflow run id, rung) to OUT/launch.json and runs
 
     torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m stages.worker OUT/launch.json
 
 Each process joins the process group, runs the stage's plain `run()`; rank 0 alone logs to the MLflow run and
-writes OUT/result.json. On several nodes every node runs that same command (see the README, "Multi-GPU and
-multi-node"); a node that starts first waits for the spec (KILN_SPEC_WAIT_S, 600 s). A process that fails writes OUT/.error-rank-R.json so the task re-raises the same kind of error
-(NaN loss, bad input and pre-emption are not retried).
+writes OUT/result.json. On several nodes every node runs that same command (see docs/operations.md, "Multi-GPU and
+multi-node"); a node that starts first waits for the spec (KILN_SPEC_WAIT_S, 600 s). A process that fails writes
+OUT/.error-rank-R.json so the task re-raises the same kind of error: a permanent one (kiln/errors.py: NaN loss, bad
+input, pre-emption) as its class there, which the flow does not retry; anything else as RuntimeError.
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ import time
 from pathlib import Path
 
 from kiln import distributed
-from kiln.preemption import Preempted
+from kiln.errors import PERMANENT_ERRORS, permanent_class
 from kiln.stage_io import StageResult
+from stages.registry import STAGES
 
-DATA_PARALLEL_KINDS = ("pretrain", "sft", "dpo", "grpo")
-# Errors a failed process reports that the task raises again as themselves (the rest become RuntimeError).
-REPORTED_ERRORS = {e.__name__: e for e in (ValueError, FloatingPointError, FileNotFoundError, KeyError, TypeError,
-                                       Preempted)}
+# The errors a failed process reports that the task raises again as themselves (the rest become RuntimeError).
+REPORTED_ERRORS = {error.__name__: error for error in PERMANENT_ERRORS}
 
 
 def launch(kind: str, cfg, inputs: dict, out_dir: Path, run_id: str | None, rung_index: int | None) -> StageResult:
+    if not STAGES[kind].data_parallel:
+        raise ValueError(f"{kind}: not a data-parallel stage (stages/registry.py), so it runs in one process")
     out_dir = Path(out_dir)
     spec = out_dir / "launch.json"
     spec.write_text(json.dumps({"kind": kind, "config": cfg.model_dump(mode="json"), "out_dir": str(out_dir),
@@ -85,10 +87,13 @@ def main(spec_path: str) -> None:
         cfg = config_from_dict(spec["config"])
         tracker = Tracker(spec["run_id"]) if ranks.is_main else Tracker(None)
         extra = {"rung_index": spec["rung_index"]} if spec["rung_index"] is not None else {}
-        result = importlib.import_module(f"stages.{spec['kind']}").run(cfg, spec["inputs"], out_dir, tracker, **extra)
+        result = importlib.import_module(STAGES[spec["kind"]].module).run(cfg, spec["inputs"], out_dir, tracker,
+                                                                          **extra)
     except BaseException as exc:
+        # A permanent error under its class in kiln/errors.py (a ShardError as ValueError), so launch() re-raises it.
+        reported = permanent_class(exc) or type(exc)
         (out_dir / f".error-rank-{ranks.rank}.json").write_text(
-            json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+            json.dumps({"type": reported.__name__, "message": str(exc)}))
         raise
     if ranks.is_main:
         (out_dir / "result.json").write_text(json.dumps(
