@@ -21,6 +21,7 @@ from data.shards import BucketBatches
 from kiln.config import load_config
 from kiln.diffusion import diffusion_loss
 from kiln.generate import generate_latents
+from kiln.geometry import vae_factor
 from kiln.sampler import make_scheduler
 from kiln.tracking import Tracker
 from stages import pretrain
@@ -91,8 +92,9 @@ def time_sampler(cfg, model, text, mask, null, null_mask, resolution, steps, rep
     b = text.shape[0]
 
     def ours():
-        generate_latents(model, text, mask, null, null_mask, height=resolution, width=resolution, steps=steps,
-                         cfg=4.0, sched=cfg.scheduler, generator=torch.Generator().manual_seed(0))
+        generate_latents(model, text, mask, null, null_mask, height=resolution, width=resolution,
+                         vae_factor=vae_factor(cfg.vae), steps=steps, cfg=4.0, sched=cfg.scheduler,
+                         generator=torch.Generator().manual_seed(0))
 
     def theirs():
         pipe(prompt_embeds=text, prompt_embeds_mask=mask.long(), negative_prompt_embeds=null.expand(b, -1, -1),

@@ -24,6 +24,7 @@ import argparse
 import torch
 
 from kiln.config import load_config
+from kiln.geometry import TOKEN_PATCH, token_grid, vae_factor
 from kiln.models import build_backbone, count_parameters, predict
 
 GIB = 2**30
@@ -56,8 +57,10 @@ def saved_activation_bytes(cfg, num_layers: int, resolution: int, text_tokens: i
     """Bytes autograd keeps for backward in one bf16 forward of a num_layers-block model, batch 1 (meta tensors)."""
     model_cfg = cfg.model.model_copy(update={"num_layers": num_layers, "gradient_checkpointing": False})
     model = build_backbone(model_cfg, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta").to(torch.bfloat16)
-    side = resolution // 16  # VAE 8x, then 2x2 patches
-    x = torch.randn(1, side * side, cfg.vae.z_dim * 4, device="meta", dtype=torch.bfloat16)  # (1, N_img, C*4)
+    latent = resolution // vae_factor(cfg.vae)
+    grid = token_grid(latent, latent)
+    x = torch.randn(1, grid[0] * grid[1], cfg.vae.z_dim * TOKEN_PATCH**2, device="meta",
+                    dtype=torch.bfloat16)  # (1, N_img, C*4)
     text = torch.randn(1, text_tokens, cfg.text_encoder.dim, device="meta", dtype=torch.bfloat16)  # (1, L, D)
     mask = torch.ones(1, text_tokens, dtype=torch.bool, device="meta")
     saved: dict[int, int] = {}
@@ -69,7 +72,7 @@ def saved_activation_bytes(cfg, num_layers: int, resolution: int, text_tokens: i
     torch.nn.functional.scaled_dot_product_attention = fused_sdpa
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            predict(model, x, torch.full((1,), 0.5, device="meta"), text, mask, (side, side))
+            predict(model, x, torch.full((1,), 0.5, device="meta"), text, mask, grid)
     finally:
         torch.nn.functional.scaled_dot_product_attention = SDPA
     return sum(saved.values())
@@ -93,7 +96,9 @@ def main() -> None:
     block_params = (params - count_parameters(build_backbone(
         mc.model_copy(update={"num_layers": 1}), cfg.vae.z_dim, cfg.text_encoder.dim, device="meta"))) / (mc.num_layers - 1)
     dim = mc.num_attention_heads * mc.attention_head_dim
-    image_tokens = (args.resolution // 16) ** 2
+    latent = args.resolution // vae_factor(cfg.vae)
+    rows, cols = token_grid(latent, latent)
+    image_tokens = rows * cols
     block_input = (image_tokens + args.text_tokens) * dim * 2  # bf16 hidden states kept per block with checkpointing
     act_full = mc.num_layers * per_block_act + rest_act
     act_ckpt = mc.num_layers * block_input + per_block_act + rest_act

@@ -44,6 +44,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from kiln import seeding
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -536,7 +538,7 @@ class BucketBatches:
     """Bucket-homogeneous batches in a deterministic, exactly resumable order.
 
     Epoch plan, decided from the manifest's shard counts alone (so resuming needs no
-    reading): shards are shuffled with random.Random(seed * 1000003 + epoch), then each
+    reading): shards are shuffled with random.Random(kiln.seeding.shard_shuffle(seed, epoch)), then each
     shard's samples are shuffled with the same generator, and batches are cut per
     bucket in that order; a bucket's leftover samples carry over to its next shard.
     Every epoch has the same number of batches (len(self)).
@@ -639,7 +641,7 @@ class BucketBatches:
 
     def _plan(self, epoch: int) -> list[list[tuple[int, int]]]:
         """This rank's rows of every batch of `epoch`, each a list of (shard index, sample index in shard)."""
-        rng = random.Random(self.seed * 1000003 + epoch)
+        rng = random.Random(seeding.shard_shuffle(self.seed, epoch))
         shard_order = list(range(len(self._shards)))
         rng.shuffle(shard_order)
         pending: dict[Bucket, list[tuple[int, int]]] = {}

@@ -13,6 +13,8 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from kiln import seeding
+
 BUILDERS = {"imagefolder": "imagefolder", "parquet": "parquet", "webdataset": "webdataset"}
 IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # the names imagefolder reads
 
@@ -108,7 +110,8 @@ def synthetic_records(resolutions: list[int], per_resolution: int, seed: int, ho
     for resolution in resolutions:
         for i in range(per_resolution):
             yield {"key": f"r{resolution}-{i:07d}", "source": "synthetic",
-                   "render": {"resolution": resolution, "seed": f"{seed}:{resolution}:{i}", "holdout_seed": holdout_seed}}
+                   "render": {"resolution": resolution, "seed": seeding.synthetic_scene(seed, resolution, i),
+                              "holdout_seed": holdout_seed}}
 
 
 def mixed_records(sources: list, seed: int, on_error: Callable[[str, BaseException], None],

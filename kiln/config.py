@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kiln.geometry import TOKEN_PATCH, size_multiple, vae_factor
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # Qwen-Image's aspect ratios (width:height).
@@ -112,7 +114,8 @@ class DataConfig(Strict):
     samples_per_resolution: int = Field(4000, gt=0)
     aspect_ratios: list[str] = ["1:1"]
     max_samples_per_shard: int = Field(1000, gt=0)
-    # Buckets are multiples of this many pixels: VAE 8x times the 2x2 patch.
+    # Buckets are multiples of this many pixels: a multiple of the VAE factor times the patch (kiln/geometry.py
+    # size_multiple: 8 x 2 = 16 for Qwen-Image).
     bucket_multiple: int = Field(16, gt=0)
 
     @field_validator("aspect_ratios")
@@ -152,7 +155,7 @@ class VaeConfig(Strict):
     subfolder: str | None = None
     base_dim: int = Field(16, gt=0)
     z_dim: int = Field(8, gt=0)
-    dim_mult: list[int] = [1, 2, 2, 2]
+    dim_mult: list[int] = Field([1, 2, 2, 2], min_length=2)  # channel multipliers; 2x downsampling between levels
     num_res_blocks: int = Field(1, gt=0)
     train: VaeTrainConfig = VaeTrainConfig()
 
@@ -446,6 +449,15 @@ class KilnConfig(Strict):
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> "KilnConfig":
+        if self.model.kind == "qwen-image" and self.model.patch_size != TOKEN_PATCH:
+            raise ValueError(f"model.patch_size {self.model.patch_size}: qwen-image takes only {TOKEN_PATCH} (its "
+                             f"transformer reads the latents as QwenImagePipeline packs them, {TOKEN_PATCH}x"
+                             f"{TOKEN_PATCH} patches per token)")
+        needed = size_multiple(self)
+        if self.data.bucket_multiple % needed:
+            raise ValueError(f"data.bucket_multiple {self.data.bucket_multiple} must be a multiple of {needed} (the "
+                             f"VAE's {vae_factor(self.vae)}x times the patch, for model.kind {self.model.kind} with "
+                             f"model.patch_size {self.model.patch_size})")
         multiple = self.data.bucket_multiple
         for rung in self.train.rungs:
             if rung.resolution % multiple:
@@ -498,20 +510,27 @@ def _format_error(err: ValidationError) -> str:
 
 
 def _set_path(tree: dict, dotted: str, value) -> None:
-    node = tree
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        if isinstance(node, list):
-            node = node[int(part)]
-            continue
-        node = node.setdefault(part, {})
+
+    def index(node: list, depth: int) -> int:
+        """parts[depth] as an index into node (the list at parts[:depth]), or a one-line error naming the key and
+        the list's length. Only 0..len-1: a negative index would silently count from the end."""
+        part = parts[depth]
+        if part.isascii() and part.isdigit() and int(part) < len(node):
+            return int(part)
+        indexes = f"indexes 0..{len(node) - 1}" if node else "no index"
+        raise ConfigError(f"config: no entry '{part}' in '{dotted}': '{'.'.join(parts[:depth])}' is a list of "
+                          f"{len(node)} ({indexes})")
+
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        node = node[index(node, depth)] if isinstance(node, list) else node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"config: '{dotted}' goes through '{part}', which is not a section")
-    last = parts[-1]
     if isinstance(node, list):
-        node[int(last)] = value
+        node[index(node, len(parts) - 1)] = value
     else:
-        node[last] = value
+        node[parts[-1]] = value
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
@@ -521,7 +540,14 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
         if "=" not in item:
             raise ConfigError(f"--set expects key.path=value, got {item!r}")
         key, raw = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        key = key.strip()
+        if not all(key.split(".")):  # '', '.steps', 'train..steps': a part would be an empty key
+            raise ConfigError(f"--set expects key.path=value with no empty part in the key, got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:  # e.g. an unclosed list: '[1,'
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({problem})") from None
     return overrides
 
 

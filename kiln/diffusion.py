@@ -15,6 +15,7 @@ import functools
 import torch
 
 from kiln.flow import sample_timesteps
+from kiln.geometry import token_grid
 from kiln.models import pack, predict
 
 VP_KINDS = ("epsilon", "v", "x0")
@@ -115,7 +116,7 @@ def diffusion_loss(model, latents, text, mask, objective, sched, generator=None,
     noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[rows]
     alpha, sigma = (_per_row(v, x0) for v in process.alpha_sigma(t))  # (B, 1, 1)
     x_t = alpha * x0 + sigma * noise
-    out = predict(model, x_t, t, text, mask, (h // 2, w // 2))
+    out = predict(model, x_t, t, text, mask, token_grid(h, w))
     per_sample = (out.float() - target(objective.kind, x0, noise, alpha, sigma).float()).pow(2).mean(dim=(1, 2))
     return per_sample.mean(), per_sample, t
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.flow import velocity_errors
+from kiln.geometry import token_grid
 from kiln.models import pack
 
 
@@ -49,7 +50,7 @@ def flow_matching_errors(model, latents: torch.Tensor, text: torch.Tensor, mask:
 
     latents, noise: (B, C, h, w) normalised x0 and its noise; text: (B, L, D); mask: (B, L); t: (B,) in [0, 1]."""
     _, _, h, w = latents.shape
-    return velocity_errors(model, pack(latents), pack(noise), t, text, mask, (h // 2, w // 2))  # packed: (B, N, C*4)
+    return velocity_errors(model, pack(latents), pack(noise), t, text, mask, token_grid(h, w))  # packed: (B, N, C*4)
 
 
 def preference_errors(model, chosen: torch.Tensor, rejected: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,

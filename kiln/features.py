@@ -1,8 +1,8 @@
 """Image features for a Frechet distance between generated and real images, from a network the project trains.
 
 FID needs a feature network; Inception's weights cannot be downloaded here, so `FeatureNet` (a small CNN) is trained
-on the data stage's real images to name what a scene holds: which of the grammar's colour-shape pairs appear, how
-many objects, which scene kind. Its pooled features before those heads play Inception's pool3 features' part.
+on the data stage's real images to name what a scene holds (data/labels.py: which colour-shape pairs appear, how
+many objects, which scene kind). Its pooled features before those heads play Inception's pool3 features' part.
 """
 
 from __future__ import annotations
@@ -12,26 +12,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from data.synthetic import COLOURS, KINDS, SHAPES, SceneSpec
-
-PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 SIZE = 64  # px: every image is resized to this before the network, so features compare across resolutions
-MAX_OBJECTS = 4
-
-
-def scene_labels(spec: SceneSpec) -> tuple[torch.Tensor, int, int]:
-    """(which pairs appear (len(PAIRS),) multi-hot, number of objects - 1, kind index)."""
-    present = torch.zeros(len(PAIRS))
-    for pair in spec.pairs():
-        present[PAIRS.index(pair)] = 1.0
-    objects = spec.count if spec.kind == "count" else len(spec.pairs())
-    return present, objects - 1, KINDS.index(spec.kind)
 
 
 class FeatureNet(nn.Module):
-    """(B, 3, H, W) in [-1, 1] -> features (B, dim); heads predict the scene labels during training."""
+    """(B, 3, H, W) in [-1, 1] -> features (B, dim); heads predict the scene labels during training: which of
+    n_pairs colour-shape pairs appear (multi-hot), which of n_counts object counts, which of n_kinds scene kinds."""
 
-    def __init__(self, dim: int = 64):
+    def __init__(self, dim: int, n_pairs: int, n_counts: int, n_kinds: int):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.SiLU(),  # (B, 32, 32, 32)
@@ -39,8 +27,8 @@ class FeatureNet(nn.Module):
             nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.SiLU(),  # (B, 128, 8, 8)
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, dim), nn.SiLU(),  # (B, dim)
         )
-        self.pairs, self.objects = nn.Linear(dim, len(PAIRS)), nn.Linear(dim, MAX_OBJECTS)
-        self.kinds = nn.Linear(dim, len(KINDS))
+        self.pairs, self.objects = nn.Linear(dim, n_pairs), nn.Linear(dim, n_counts)
+        self.kinds = nn.Linear(dim, n_kinds)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (SIZE, SIZE):

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from kiln.diffusion import Denoiser, make_process
+from kiln.geometry import TOKEN_PATCH, token_grid
 from kiln.models import pack, unpack
 from kiln.sampler import SAMPLERS, guided_prediction, sampling_times
 from kiln.vae import decode_latents
@@ -19,21 +20,22 @@ def initial_noise(batch: int, channels: int, h: int, w: int, generator=None, dev
 
 @torch.no_grad()
 def generate_latents(
-    model, text, mask, null_text, null_mask, *, height, width, steps, cfg, sched, generator=None, progress=False,
-    objective=None, sampler: str = "euler", cfg_renorm: bool = True,
+    model, text, mask, null_text, null_mask, *, height, width, vae_factor, steps, cfg, sched, generator=None,
+    progress=False, objective=None, sampler: str = "euler", cfg_renorm: bool = True,
 ) -> torch.Tensor:
-    """text: (B, L, D), mask: (B, L); null_*: the negative prompt, (1, L0, D) or (B, L0, D). objective: the
-    ObjectiveConfig the model trained with (None: flow); sampler: a name in kiln.sampler.SAMPLERS.
-    Returns normalised latents (B, C, height/8, width/8)."""
+    """text: (B, L, D), mask: (B, L); null_*: the negative prompt, (1, L0, D) or (B, L0, D). vae_factor: the VAE's
+    pixels per latent (kiln.geometry.vae_factor). objective: the ObjectiveConfig the model trained with (None: flow);
+    sampler: a name in kiln.sampler.SAMPLERS. Returns normalised latents (B, C, height/vae_factor, width/vae_factor)."""
     b = text.shape[0]
-    h, w = height // 8, width // 8
-    if h % 2 or w % 2:
-        raise ValueError(f"width and height must be multiples of 16, got {width}x{height}")
+    multiple = vae_factor * TOKEN_PATCH
+    if height % multiple or width % multiple:
+        raise ValueError(f"width and height must be multiples of {multiple}, got {width}x{height}")
+    h, w = height // vae_factor, width // vae_factor
     channels = model.config.out_channels or model.config.in_channels
     x = initial_noise(b, channels, h, w, generator, text.device)  # (B, N, C*4)
     if null_text is not None and null_text.shape[0] == 1:
         null_text, null_mask = null_text.expand(b, -1, -1), null_mask.expand(b, -1)
-    guided = guided_prediction(model, text, mask, null_text, null_mask, cfg, grid=(h // 2, w // 2), renorm=cfg_renorm)
+    guided = guided_prediction(model, text, mask, null_text, null_mask, cfg, grid=token_grid(h, w), renorm=cfg_renorm)
     denoiser = Denoiser(guided, "flow" if objective is None else objective.kind, make_process(objective))
     times = sampling_times(steps, x.shape[1], objective, sched).to(x.device)
     x = SAMPLERS[sampler](denoiser, x, times, progress=progress, generator=generator)

@@ -15,19 +15,25 @@ import torch
 from diffusers import (PixArtTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel,
                        UNet2DConditionModel)
 
+from kiln.geometry import TOKEN_PATCH, token_grid
+
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, h/2 * w/2, C * 4): 2x2 latent patches as tokens, QwenImagePipeline's layout."""
     b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+    rows, cols = token_grid(h, w)
+    x = latents.view(b, c, rows, TOKEN_PATCH, cols, TOKEN_PATCH).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
+    return x.reshape(b, rows * cols, c * TOKEN_PATCH**2)
 
 
 def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(B, h/2 * w/2, C * 4) -> (B, C, h, w); h, w are latent sizes."""
     b, _, d = tokens.shape
-    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
-    return x.reshape(b, d // 4, h, w)
+    rows, cols = token_grid(h, w)
+    channels = d // TOKEN_PATCH**2
+    x = tokens.view(b, rows, cols, channels, TOKEN_PATCH, TOKEN_PATCH)  # (B, h/2, w/2, C, 2, 2)
+    x = x.permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
+    return x.reshape(b, channels, h, w)
 
 
 # Largest token grid side SD3's learned-size positional table covers (a 2048 px image: 256 latents / patch 2).
@@ -95,7 +101,7 @@ def predict(model, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: t
         img_shapes = [[(1, grid[0], grid[1])]] * x.shape[0]
         return model(hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=mask,
                      timestep=t.to(x.dtype), img_shapes=img_shapes, return_dict=False)[0]
-    latents = unpack(x, 2 * grid[0], 2 * grid[1])  # (B, C, h, w)
+    latents = unpack(x, TOKEN_PATCH * grid[0], TOKEN_PATCH * grid[1])  # (B, C, h, w)
     steps = (t * 1000).to(x.dtype)  # the others take diffusers' 0..1000 timesteps
     if isinstance(base, SD3Transformer2DModel):
         # SD3 attends to every text token (no mask): padding is zeroed, and the pooled vector (CLIP's in SD3) is the

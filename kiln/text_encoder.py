@@ -8,6 +8,7 @@ Nothing is downloaded unless `path` names a hub id.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -109,3 +110,15 @@ def build_text_encoder(cfg, device="cpu") -> TextEncoder:
     if encoder.dim != cfg.dim:
         raise ValueError(f"text_encoder.dim is {cfg.dim} but the {cfg.kind} model's hidden size is {encoder.dim}")
     return encoder
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_encoder(text_cfg_json: str, device: str) -> TextEncoder:
+    from kiln.config import TextEncoderConfig
+
+    return build_text_encoder(TextEncoderConfig.model_validate_json(text_cfg_json), device)
+
+
+def text_encoder_for(cfg, device) -> TextEncoder:
+    """One frozen text encoder per process and config (loading Qwen2.5-VL twice would be wasteful)."""
+    return _cached_encoder(cfg.text_encoder.model_dump_json(), str(device))

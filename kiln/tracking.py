@@ -101,10 +101,22 @@ class Tracker:
             self.client.set_terminated(self.run_id, status)
 
 
+# MLflow 3's UI opens an experiment on the page its kind names; one with no kind it may open on the GenAI traces
+# page. Kiln's runs are model training: "custom_model_development" (the UI's "Machine learning") opens on runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def experiment_id(name: str) -> str:
+    """The experiment's id, created if missing; its kind is set to training unless it has one (a kind someone chose
+    in the UI is left alone)."""
     client = _client()
     found = client.get_experiment_by_name(name)
-    return found.experiment_id if found else client.create_experiment(name)
+    if not found:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in found.tags:  # made before Kiln set the kind, or by someone else
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 def start_run(experiment: str, run_name: str, parent_run_id: str | None = None, tags: dict | None = None) -> Tracker:

@@ -150,12 +150,14 @@ class Trainer:
                 load_weights(source, self.ema, "ema")
 
     # --- checkpoints -------------------------------------------------------------------------------------------
-    def save(self, final: bool = False) -> Path:
-        """Collective under torchrun (see kiln.checkpoint.save_training_state)."""
+    def save(self, final: bool = False, keep: int | None = None) -> Path:
+        """Collective under torchrun (see kiln.checkpoint.save_training_state). keep: checkpoints kept, this one
+        included (default cadence.keep_checkpoints)."""
         state = {"step": self.step, "state": {key: _get_state(obj) for key, obj in self.state.items()},
                  "torch_rng": torch.get_rng_state()}
+        keep = self.cfg.cadence.keep_checkpoints if keep is None else keep
         return save_training_state(self.out_dir / "checkpoints", self.step, self.model, self.ema, self.optimizer,
-                                   state, self.meta, self.cfg.cadence.keep_checkpoints, self.sharded, final)
+                                   state, self.meta, keep, self.sharded, final)
 
     def whole(self, module: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
         """`module` (the model or the EMA) whole on rank 0, for sampling; None on other ranks. Collective under

@@ -1,10 +1,14 @@
-"""diffusers' AutoencoderKLQwenImage (8x spatial compression) and the latent normalisation Qwen-Image uses.
+"""diffusers' AutoencoderKLQwenImage (2x spatial compression per level: Qwen-Image's is 8x, kiln/geometry.py
+derives the factor) and the latent normalisation Qwen-Image uses.
 
 Latents the transformer sees are normalised per channel: z_norm = (z - mean) / std, with mean/std stored in the
 VAE's own config (latents_mean / latents_std), exactly as QwenImagePipeline undoes them before decoding.
 """
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,18 +45,40 @@ def build_vae(cfg) -> AutoencoderKLQwenImage:
     if cfg.pretrained:
         kwargs = {"subfolder": cfg.subfolder} if cfg.subfolder else {}
         return use_single_frame_convs(AutoencoderKLQwenImage.from_pretrained(cfg.pretrained, **kwargs))
-    if len(cfg.dim_mult) != 4:
-        raise ValueError(f"vae.dim_mult must have 4 entries (8x compression), got {cfg.dim_mult}")
     vae = AutoencoderKLQwenImage(
         base_dim=cfg.base_dim,
         z_dim=cfg.z_dim,
         dim_mult=list(cfg.dim_mult),
         num_res_blocks=cfg.num_res_blocks,
-        temperal_downsample=[False, False, False],  # images only: no temporal compression
+        temperal_downsample=[False] * (len(cfg.dim_mult) - 1),  # images only: no temporal compression
         latents_mean=[0.0] * cfg.z_dim,
         latents_std=[1.0] * cfg.z_dim,
     )
     return use_single_frame_convs(vae)
+
+
+def load_vae(vae_dir: Path, vae_cfg=None) -> AutoencoderKLQwenImage:
+    """The VAE a `vae` stage produced (its final checkpoint), or the pretrained one the config names."""
+    from kiln.checkpoint import load_weights, resolve_checkpoint
+
+    if vae_cfg is not None and vae_cfg.pretrained:
+        return build_vae(vae_cfg)
+    ckpt = resolve_checkpoint(Path(vae_dir) / "checkpoints")
+    vae = use_single_frame_convs(AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(ckpt)))
+    load_weights(ckpt, vae)
+    return vae.eval()
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_vae(vae_dir: str, vae_cfg_json: str, device: str):
+    from kiln.config import VaeConfig
+
+    return load_vae(Path(vae_dir), VaeConfig.model_validate_json(vae_cfg_json)).to(device).eval()
+
+
+def vae_for(cfg, vae_dir: Path, device):
+    """One VAE per process, VAE folder, config and device (every sampling call of a stage shares it)."""
+    return _cached_vae(str(vae_dir), cfg.vae.model_dump_json(), str(device))
 
 
 def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +89,7 @@ def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
-    """images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8)."""
+    """images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f), f the VAE factor (8: Qwen-Image's)."""
     dist = vae.encode(images[:, :, None].to(vae.dtype)).latent_dist  # the VAE is 3D: (B, 3, T=1, H, W)
     z = (dist.sample() if sample else dist.mode())[:, :, 0].float()  # (B, C, h, w)
     mean, std = _stats(vae, z)
@@ -72,7 +98,7 @@ def encode_images(vae, images: torch.Tensor, sample: bool = False) -> torch.Tens
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w) in [-1, 1]."""
+    """normalised latents (B, C, h, w) -> images (B, 3, f h, f w) in [-1, 1], f the VAE factor."""
     mean, std = _stats(vae, latents)
     z = latents * std + mean
     return vae.decode(z[:, :, None].to(vae.dtype)).sample[:, :, 0].float().clamp(-1, 1)

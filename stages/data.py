@@ -47,15 +47,7 @@ def _alignment_scorer(cfg):
     """The funnel's text-image scorer: the reward stage's model named by data.funnel.alignment_model, or None."""
     if not cfg.data.funnel.alignment_model:
         return None
-    import torch
+    from reward.scoring import make_scorer
 
-    from stages.reward import load_reward_model, reward_scores
-
-    device = pick_device(cfg.device)
-    model = load_reward_model(Path(cfg.data.funnel.alignment_model), device)
-
-    @torch.no_grad()
-    def score(images, captions):
-        return reward_scores(cfg, model, images, captions, device).float().cpu().tolist()
-
-    return score
+    score = make_scorer(cfg, {"reward_model": 1.0}, cfg.data.funnel.alignment_model, pick_device(cfg.device))
+    return lambda images, captions: score(images, captions)[0].tolist()

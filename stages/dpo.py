@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from data.shards import BucketBatches
-from kiln import distributed
+from kiln import distributed, seeding
 from kiln.dpo import diffusion_dpo_batch_loss
 from kiln.flow import sample_timesteps
+from kiln.geometry import token_grid, vae_factor
 from kiln.stage_io import StageResult, hash_files
 from stages.common import training_device
 from stages.policy import policy_trainer
@@ -27,7 +28,7 @@ PAIR_FIELDS = ("chosen", "rejected", "text_emb", "text_mask")
 def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     out_dir = Path(out_dir)
     dcfg = cfg.dpo
-    generator = torch.Generator(device=training_device(cfg)).manual_seed(cfg.seed * 1000 + 101)
+    generator = torch.Generator(device=training_device(cfg)).manual_seed(seeding.dpo(cfg.seed))
     trainer, reference = policy_trainer(
         cfg, "dpo", Path(inputs["init"]), out_dir, tracker, steps=dcfg.max_steps, learning_rate=dcfg.learning_rate,
         warmup_steps=dcfg.warmup_steps, max_grad_norm=dcfg.max_grad_norm, state={"generator": generator},
@@ -49,9 +50,10 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         rejected = batch["rejected"].to(device)
         text, mask = batch["text_emb"].to(device), batch["text_mask"].to(device)
         b, _, h, w = chosen.shape
-        trainer.meta["resolution"] = 8 * h
+        trainer.meta["resolution"] = vae_factor(cfg.vae) * h
         n = global_batch if ranks.distributed else b  # draws for the global batch, this process's rows kept
-        t = sample_timesteps(n, (h // 2) * (w // 2), cfg.objective, cfg.scheduler, generator, device)[loader.rows]
+        grid = token_grid(h, w)
+        t = sample_timesteps(n, grid[0] * grid[1], cfg.objective, cfg.scheduler, generator, device)[loader.rows]
         # (B,) and (B, C, h, w): one t and one noise per pair, shared by chosen and rejected
         noise = torch.randn((n, *chosen.shape[1:]), generator=generator, device=device)[loader.rows]
         loss, stats = diffusion_dpo_batch_loss(trainer.forward, reference, chosen, rejected, text, mask, t, noise,

@@ -17,11 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from data.synthetic import caption, eval_prompts, make_holdout, render
+from kiln import seeding
 from kiln.generate import image_grid
 from kiln.stage_io import StageResult, hash_files
+from kiln.vae import vae_for
 from reward.verifier import verify
 from stages.common import pick_device, write_json
-from stages.sampling import generate_for_captions, load_stage, vae_for
+from stages.sampling import generate_for_captions, load_stage
 
 CHECKS = ("colour", "shape", "count", "relation")
 REAL_PER_PROMPT = 4  # real renders per evaluated prompt for the Frechet distance's reference set
@@ -60,11 +62,11 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     for start in tqdm(range(0, len(captions), ecfg.batch_size), desc="eval", unit="batch"):
         images += generate_for_captions(
             cfg, model, vae, captions[start : start + ecfg.batch_size], width=resolution,
-            height=resolution, steps=ecfg.steps, cfg_scale=ecfg.cfg, seed=ecfg.seed + start,
+            height=resolution, steps=ecfg.steps, cfg_scale=ecfg.cfg, seed=seeding.eval_batch(ecfg.seed, start),
             batch_size=ecfg.batch_size)
     images_per_s = len(images) / (time.perf_counter() - started)
 
-    baseline_rng = random.Random(ecfg.seed + 1)
+    baseline_rng = random.Random(seeding.eval_baseline(ecfg.seed))
     by_group = defaultdict(list)  # (split, kind) -> captions
     for split, spec, text in prompts:
         by_group[split, spec.kind].append(text)
@@ -105,8 +107,8 @@ def frechet_distances(cfg, features_dir: Path, prompts, images, resolution: int,
     """Per split, the Frechet distance between the generated images' features and those of REAL_PER_PROMPT real
     renders of each of the same prompts (seeded, so every evaluation compares against the same real set)."""
     from kiln.features import features_of, frechet_distance
+    from kiln.images import image_tensor
     from stages.features import load_feature_net
-    from stages.vae import image_tensor
 
     net = load_feature_net(features_dir, device)
     rng = random.Random(cfg.eval.seed)

@@ -20,8 +20,8 @@ from pathlib import Path
 from diffusers import QwenImagePipeline
 
 from kiln.sampler import make_scheduler
+from kiln.vae import load_vae
 from stages.sampling import load_stage
-from stages.vae import load_vae
 
 
 def export_diffusers(stage_dir: Path, out_dir: Path) -> Path:

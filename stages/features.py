@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data.labels import LABEL_SIZES, scene_labels
 from data.shards import iter_samples
 from data.synthetic import parse_caption
-from kiln.features import FeatureNet, scene_labels
+from kiln.features import SIZE, FeatureNet
+from kiln.images import image_tensor
 from kiln.stage_io import StageResult, hash_files
 from kiln.trainer import Schedule, Trainer
 from stages.common import pick_device
-from stages.vae import image_tensor
 
 
 def load_feature_net(features_dir: Path, device="cpu") -> FeatureNet:
@@ -27,7 +28,7 @@ def load_feature_net(features_dir: Path, device="cpu") -> FeatureNet:
     if not arch_file.exists():
         raise FileNotFoundError(f"features: no feature network at {features_dir} (feature_net.json missing): "
                                 "run the features stage first")
-    net = FeatureNet(json.loads(arch_file.read_text())["dim"])
+    net = FeatureNet(json.loads(arch_file.read_text())["dim"], *LABEL_SIZES)
     net.load_state_dict(load_file(str(features_dir / "feature_net.safetensors")))
     return net.to(device).eval().requires_grad_(False)
 
@@ -39,7 +40,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     images, present, objects, kinds = [], [], [], []
     for sample in iter_samples(Path(inputs["data"]) / "shards", load_images=True):
         labels = scene_labels(parse_caption(sample["caption"]))
-        images.append(image_tensor(sample["image"].resize((64, 64))))  # FeatureNet's input size
+        images.append(image_tensor(sample["image"].resize((SIZE, SIZE))))  # FeatureNet's input size
         present.append(labels[0])
         objects.append(labels[1])
         kinds.append(labels[2])
@@ -49,7 +50,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     n_val = max(1, int(len(images) * fcfg.val_fraction))
     val, train = order[:n_val], order[n_val:]
 
-    net = FeatureNet(fcfg.dim)
+    net = FeatureNet(fcfg.dim, *LABEL_SIZES)
     generator = torch.Generator().manual_seed(cfg.seed)
     trainer = Trainer("features", net, cfg, steps=fcfg.steps, lr=fcfg.lr, schedule=Schedule(decay="constant"),
                       out_dir=out_dir, tracker=tracker, device=device, weight_decay=0.01, grad_clip=1.0,

@@ -20,19 +20,21 @@ from pathlib import Path
 
 import torch
 
-from kiln import distributed
+from kiln import distributed, seeding
 from kiln.checkpoint import resolve_checkpoint
 from kiln.diffusion import Denoiser, make_process
-from kiln.generate import initial_noise, to_pil
+from kiln.generate import initial_noise
+from kiln.geometry import token_grid, vae_factor
 from kiln.grpo import group_advantages, grpo_loss
 from kiln.models import unpack
 from kiln.sampler import flow_sigmas, guided_prediction, sample_sde, sde_mean_std, sde_step_log_prob
 from kiln.stage_io import StageResult, hash_files
-from kiln.vae import decode_latents
+from kiln.text_encoder import text_encoder_for
+from kiln.vae import decode_latents, vae_for
+from reward.scoring import make_scorer
 from stages.common import training_device
 from stages.policy import policy_trainer
 from stages.preference import training_captions
-from stages.sampling import text_encoder_for, vae_for
 
 
 def reward_weights(cfg) -> dict[str, float]:
@@ -46,31 +48,11 @@ def reward_weights(cfg) -> dict[str, float]:
 def make_reward(cfg, reward_dir: Path | None, device):
     """reward(images (B, 3, H, W) in [-1, 1], captions) -> (total (B,), {component: (B,)})."""
     weights = reward_weights(cfg)
-    reward_model = None
-    if "reward_model" in weights:
-        from stages.reward import load_reward_model
-
-        path = cfg.grpo.reward_model or reward_dir
-        if path is None:
-            raise ValueError("grpo: the reward uses the reward model but there is no reward stage output "
-                             "(run the reward stage or set grpo.reward_model)")
-        reward_model = load_reward_model(Path(path), device)
-
-    @torch.no_grad()
-    def reward(images: torch.Tensor, captions: list[str]):
-        parts = {}
-        if "verifier" in weights:
-            from reward.verifier import score
-
-            parts["verifier"] = torch.tensor([score(im, c) for im, c in zip(to_pil(images), captions)])
-        if reward_model is not None:
-            from stages.reward import reward_scores
-
-            parts["reward_model"] = reward_scores(cfg, reward_model, images, captions, device).float().cpu()
-        total = sum(weights[name] * value for name, value in parts.items())
-        return total, parts
-
-    return reward
+    path = cfg.grpo.reward_model or reward_dir
+    if "reward_model" in weights and path is None:
+        raise ValueError("grpo: the reward uses the reward model but there is no reward stage output "
+                         "(run the reward stage or set grpo.reward_model)")
+    return make_scorer(cfg, weights, path, device)
 
 
 def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
@@ -95,8 +77,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     reward = make_reward(cfg, inputs.get("reward"), device)
     null_text, null_mask = encoder([cfg.sampler.negative_prompt])  # (1, L0, D)
 
-    h = w = resolution // 8
-    grid = (h // 2, w // 2)
+    h = w = resolution // vae_factor(cfg.vae)
+    grid = token_grid(h, w)
     sigmas = flow_sigmas(gcfg.num_inference_steps, grid[0] * grid[1], cfg.scheduler).to(device)  # (steps + 1,)
     sigma_max = sigmas[1]
     steps = len(sigmas) - 1
@@ -108,13 +90,13 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         """Per step: sample G images for each prompt with the current policy, keeping the trajectory and its per-step
         log-probs, score them and normalise within groups; the same batch serves num_iterations optimizer steps."""
         while True:
-            step_rng = random.Random(gcfg.seed * 100003 + trainer.step)  # the prompts of this step, resumable
+            step_rng = random.Random(seeding.grpo_prompts(gcfg.seed, trainer.step))  # this step's prompts, resumable
             prompts = [c for _, c in training_captions(cfg, gcfg.prompts_per_step, step_rng.randrange(2**31),
                                                           gcfg.prompt_kinds)]
             if ranks.distributed:  # this process's prompts, and its own noise stream for this step
                 share = gcfg.prompts_per_step // ranks.world_size
                 prompts = prompts[ranks.rank * share:(ranks.rank + 1) * share]
-                generator.manual_seed(gcfg.seed * 1000003 + trainer.step * 1009 + ranks.rank)
+                generator.manual_seed(seeding.grpo_noise(gcfg.seed, trainer.step, ranks.rank))
             captions = [c for c in prompts for _ in range(group)]  # TRL's layout: each prompt G times in a row
             text, mask = encoder(captions)  # (B, L, D), (B, L)
             null_b, null_mask_b = null_text.expand(len(captions), -1, -1), null_mask.expand(len(captions), -1)

@@ -24,11 +24,14 @@ from tqdm.auto import tqdm
 from data.shards import ShardWriter, read_manifest
 from data.synthetic import KINDS, caption, make_holdout, sample_spec
 from kiln.generate import generate_latents, to_pil, to_uint8
+from kiln.geometry import vae_factor
+from kiln.images import image_tensor
 from kiln.stage_io import StageResult
-from kiln.vae import decode_latents, encode_images
+from kiln.text_encoder import text_encoder_for
+from kiln.vae import decode_latents, encode_images, vae_for
+from reward.scoring import make_scorer
 from stages.common import pick_device, save_uncond
-from stages.sampling import load_stage, text_encoder_for, vae_for
-from stages.vae import image_tensor
+from stages.sampling import load_stage
 
 
 def training_captions(cfg, n: int, seed: int, kinds=KINDS) -> list[tuple[str, str]]:
@@ -46,16 +49,10 @@ def make_judge(cfg, device):
     """judge(images: list of PIL, captions) -> scores in the judge's units: the verifier's fraction of checks
     passed, or the learned reward model's output (loaded once)."""
     pcfg = cfg.preference
-    if pcfg.judge == "verifier":
-        from reward.verifier import score
-
-        return lambda images, captions: [score(image, text) for image, text in zip(images, captions)]
-    if not pcfg.reward_model:
+    if pcfg.judge == "reward_model" and not pcfg.reward_model:
         raise ValueError("preference: judge 'reward_model' needs preference.reward_model (a reward stage output)")
-    from stages.reward import load_reward_model, reward_scores
-
-    model = load_reward_model(Path(pcfg.reward_model), device)
-    return lambda images, captions: reward_scores(cfg, model, images, captions, device).tolist()
+    score = make_scorer(cfg, {pcfg.judge: 1.0}, pcfg.reward_model, device)
+    return lambda images, captions: score(images, captions)[0].tolist()
 
 
 @torch.no_grad()
@@ -75,7 +72,8 @@ def sample_pairs(cfg, model, vae, resolution: int, device):
         captions = [text for _, text in chunk for _ in range(k)]
         text, mask = encoder(captions)  # (P*K, L, D), (P*K, L)
         latents = generate_latents(model, text, mask, null_text, null_mask, height=resolution, width=resolution,
-                                   steps=pcfg.steps, cfg=pcfg.cfg, sched=cfg.scheduler, generator=generator)
+                                   vae_factor=vae_factor(cfg.vae), steps=pcfg.steps, cfg=pcfg.cfg,
+                                   sched=cfg.scheduler, generator=generator)
         pixels = to_uint8(decode_latents(vae, latents))  # (P*K, 3, H, W)
         images = to_pil(pixels)
         scores = torch.tensor(judge(images, captions)).view(len(chunk), k)  # (P, K)

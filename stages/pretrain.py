@@ -14,7 +14,7 @@ import torch
 
 from data.buckets import buckets_for
 from data.shards import BucketBatches, read_manifest
-from kiln import distributed
+from kiln import distributed, seeding
 from kiln.diffusion import diffusion_loss
 from kiln.flow import drop_captions, loss_by_bucket
 from kiln.models import build_backbone, count_parameters, init_adaln_zero
@@ -48,7 +48,7 @@ class Rung:
         # seed_index: the rung's place in the ladder (SFT: one past it) -> its own init and noise streams.
         self.cfg, self.rung, self.latents_dir = cfg, rung, Path(latents_dir)
         device = training_device(cfg)
-        torch.manual_seed(cfg.seed * 1000 + seed_index)  # model init is part of the run's determinism
+        torch.manual_seed(seeding.rung(cfg.seed, seed_index))  # model init is part of the run's determinism
         manifest = read_manifest(self.latents_dir / "shards")
         if "latents" not in manifest.get("fields", []):
             raise ValueError(f"pretrain: shards at {latents_dir} hold no latents: run the latents stage first")
@@ -62,7 +62,7 @@ class Rung:
         model = init_adaln_zero(model) if cfg.train.init == "adaln_zero" else model
         optim = cfg.train.optim
         self.position = DataPosition()
-        self.generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + seed_index)
+        self.generator = torch.Generator(device=device).manual_seed(seeding.rung(cfg.seed, seed_index))
         self.trainer = Trainer(
             label, model, cfg, steps=rung.steps, lr=rung.lr or optim.lr,
             schedule=Schedule(warmup=optim.warmup_steps, total=rung.steps, decay="cosine", floor=0.1),

@@ -18,35 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from data.shards import iter_samples, pad_and_stack
 from kiln.stage_io import StageResult, hash_files
 from kiln.trainer import Schedule, Trainer
 from reward.model import RewardModel, bradley_terry_loss, pairwise_accuracy
 from stages.common import pick_device
-from stages.sampling import text_encoder_for
-from stages.vae import image_tensor
-
-def load_reward_model(reward_dir: Path, device="cpu") -> RewardModel:
-    """A reward stage's output folder -> the trained RewardModel (eval mode, frozen)."""
-    reward_dir = Path(reward_dir)
-    config_file = reward_dir / "reward_model.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"reward: no reward model at {reward_dir} (reward_model.json missing): "
-                                "run the reward stage first")
-    arch = json.loads(config_file.read_text())
-    model = RewardModel(arch["text_dim"], tuple(arch["channels"]), arch["hidden"])
-    model.load_state_dict(load_file(str(reward_dir / "reward_model.safetensors")))
-    return model.to(device).eval().requires_grad_(False)
-
-
-def reward_scores(cfg, model: RewardModel, images, captions: list[str], device) -> torch.Tensor:
-    """(B,) rewards for PIL images or a (B, 3, H, W) tensor in [-1, 1], and their captions."""
-    if not isinstance(images, torch.Tensor):
-        images = torch.stack([image_tensor(image) for image in images])
-    text, mask = text_encoder_for(cfg, device)(captions)
-    return model(images.to(device), text, mask)
 
 
 def _records(pairs_dir: Path):

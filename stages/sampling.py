@@ -3,7 +3,6 @@ turn captions into images with the project's sampler."""
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 from pathlib import Path
@@ -14,33 +13,11 @@ from data.synthetic import caption, eval_prompts, make_holdout
 from kiln.checkpoint import load_weights, resolve_checkpoint
 from kiln.config import config_from_dict
 from kiln.generate import generate_images, image_grid
+from kiln.geometry import vae_factor
 from kiln.models import build_backbone
 from kiln.stage_io import read_stage_manifest
-from kiln.text_encoder import build_text_encoder
-from stages.vae import load_vae
-
-
-@functools.lru_cache(maxsize=2)
-def _encoder(text_cfg_json: str, device: str):
-    from kiln.config import TextEncoderConfig
-
-    return build_text_encoder(TextEncoderConfig.model_validate_json(text_cfg_json), device)
-
-
-def text_encoder_for(cfg, device):
-    """One frozen text encoder per process and config (loading Qwen2.5-VL twice would be wasteful)."""
-    return _encoder(cfg.text_encoder.model_dump_json(), str(device))
-
-
-@functools.lru_cache(maxsize=2)
-def _vae(vae_dir: str, vae_cfg_json: str, device: str):
-    from kiln.config import VaeConfig
-
-    return load_vae(Path(vae_dir), VaeConfig.model_validate_json(vae_cfg_json)).to(device).eval()
-
-
-def vae_for(cfg, vae_dir: Path, device):
-    return _vae(str(vae_dir), cfg.vae.model_dump_json(), str(device))
+from kiln.text_encoder import text_encoder_for
+from kiln.vae import vae_for
 
 
 def load_stage(stage_dir: Path, device="cpu", which: str = "ema"):
@@ -73,9 +50,9 @@ def generate_for_captions(cfg, model, vae, captions: list[str], *, width, height
         chunk = captions[start : start + batch_size]
         text, mask = encoder(chunk)
         images += generate_images(model, vae, text, mask, null_text, null_mask, height=height, width=width,
-                                  steps=steps, cfg=cfg_scale, sched=cfg.scheduler, generator=generator,
-                                  objective=cfg.objective, sampler=cfg.sampler.kind, cfg_renorm=cfg.sampler.cfg_renorm,
-                                  progress=progress)
+                                  vae_factor=vae_factor(cfg.vae), steps=steps, cfg=cfg_scale, sched=cfg.scheduler,
+                                  generator=generator, objective=cfg.objective, sampler=cfg.sampler.kind,
+                                  cfg_renorm=cfg.sampler.cfg_renorm, progress=progress)
     return images
 
 

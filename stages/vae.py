@@ -14,31 +14,13 @@ import numpy as np
 import torch
 
 from data.shards import iter_samples
+from kiln.images import image_tensor
 from kiln.stage_io import StageResult, hash_files
 from kiln.trainer import Schedule, Trainer
-from kiln.vae import build_vae, decode_for_training, use_single_frame_convs
+from kiln.vae import build_vae, decode_for_training
 from stages.common import pick_device
 
 PSNR_IMAGES = 64
-
-
-def image_tensor(image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-
-
-def load_vae(vae_dir: Path, vae_cfg=None):
-    """The VAE a `vae` stage produced (its final checkpoint), or the pretrained one the config names."""
-    from diffusers import AutoencoderKLQwenImage
-
-    from kiln.checkpoint import load_weights, resolve_checkpoint
-
-    if vae_cfg is not None and vae_cfg.pretrained:
-        return build_vae(vae_cfg)
-    ckpt = resolve_checkpoint(Path(vae_dir) / "checkpoints")
-    vae = use_single_frame_convs(AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(ckpt)))
-    load_weights(ckpt, vae)
-    return vae.eval()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -130,7 +112,7 @@ def _finish(cfg, vae, held, train, device, out_dir, tracker, start, trainer) -> 
         z = torch.cat(latents, dim=1)  # (C, pixels)
         mean, std = z.mean(dim=1), z.std(dim=1).clamp_min(1e-4)
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-    ckpt = trainer.save(final=True)
+    ckpt = trainer.save(final=True, keep=1)  # the periodic checkpoints go: later stages load the final one
     vae.save_config(ckpt)  # config.json, with the latent statistics
 
     metrics = {"vae/psnr": float(np.mean(recon_psnr)), "vae/seconds": time.time() - start}

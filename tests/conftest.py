@@ -8,6 +8,9 @@ import pytest
 
 _TMP = Path(tempfile.mkdtemp(prefix="kiln-tests-"))
 os.environ.setdefault("PREFECT_HOME", str(_TMP / "prefect"))
+# Prefect reads its settings when first imported. No usage heartbeat: offline it logs "Failed to send telemetry" as an
+# ERROR (the CLI sets the same default, kiln_cli/main.py).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_TMP / 'mlflow.db'}"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -40,6 +40,35 @@ def test_bad_values_are_one_line_errors(override, words):
         assert word in message
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.rungs.5.steps=3",
+         "config: no entry '5' in 'train.rungs.5.steps': 'train.rungs' is a list of 2 (indexes 0..1)"),
+        ("train.rungs.x.steps=3",
+         "config: no entry 'x' in 'train.rungs.x.steps': 'train.rungs' is a list of 2 (indexes 0..1)"),
+        ("train.rungs.-1.steps=3",  # not Python's count from the end: a typo would edit the last rung
+         "config: no entry '-1' in 'train.rungs.-1.steps': 'train.rungs' is a list of 2 (indexes 0..1)"),
+        ("data.aspect_ratios.2=\"1:1\"",  # the index is the last part of the key
+         "config: no entry '2' in 'data.aspect_ratios.2': 'data.aspect_ratios' is a list of 2 (indexes 0..1)"),
+        ("data.aspect_ratios.0.x=1", "config: 'data.aspect_ratios.0.x' goes through '0', which is not a section"),
+        ("train..steps=3", "--set expects key.path=value with no empty part in the key, got 'train..steps=3'"),
+        ("sampler.cfg=[1,",
+         "--set sampler.cfg: the value '[1,' is not valid YAML (expected the node content, but found '<stream end>')"),
+    ],
+)
+def test_bad_override_paths_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", [override])  # smoke: 2 rungs, 2 aspect ratios
+    assert str(err.value) == message
+
+
+def test_an_empty_list_names_no_index():
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", {"train.rungs": [], "train.rungs.0.steps": 3})
+    assert str(err.value) == "config: no entry '0' in 'train.rungs.0.steps': 'train.rungs' is a list of 0 (no index)"
+
+
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="no preset 'nope'"):
         load_config("nope")
@@ -83,3 +112,50 @@ def test_post_training_options_keep_trl_vocabulary():
     assert set(GrpoConfig.model_fields) - shared == {  # diffusion-specific, no TRL counterpart
         "reward", "reward_model", "prompts_per_step", "num_inference_steps", "noise_level", "cfg",
         "timestep_fraction", "prompt_kinds"}
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        # Qwen-Image's transformer reads 2x2-packed latent tokens: another patch size would fail at the first forward.
+        (["model.patch_size=4"], ["model.patch_size 4", "qwen-image takes only 2"]),
+        (["data.bucket_multiple=8"], ["data.bucket_multiple 8", "multiple of 16"]),
+        # SD3 patchifies the unpacked latents itself: patch 4 needs latents divisible by 4, so 32 px buckets.
+        (["model.kind=sd3", "model.patch_size=4"], ["data.bucket_multiple 16", "multiple of 32", "model.patch_size 4"]),
+        (["vae.dim_mult=[1]"], ["vae.dim_mult"]),
+    ],
+)
+def test_geometry_the_model_cannot_take_is_a_one_line_error(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_geometry_is_derived_from_the_vae_and_the_patch():
+    from kiln.geometry import size_multiple, vae_factor
+
+    assert vae_factor(load_config("smoke").vae) == 8 and size_multiple(load_config("smoke")) == 16
+    assert vae_factor(load_config("qwen-image").vae) == 8  # the pretrained VAE
+    four_x = load_config("smoke", ["vae.dim_mult=[1,2,2]", "data.bucket_multiple=8"])  # two downsamplings
+    assert vae_factor(four_x.vae) == 4 and size_multiple(four_x) == 8
+
+
+def test_a_patch_size_the_config_accepts_trains_in_a_forward_pass():
+    """SD3's MMDiT with 4x4 patches: the accepted config runs the training loss on latents of its bucket size."""
+    from kiln.diffusion import diffusion_loss
+    from kiln.geometry import size_multiple, vae_factor
+
+    cfg = load_config("smoke", ["model.kind=sd3", "model.patch_size=4", "data.bucket_multiple=32"])
+    side = size_multiple(cfg) // vae_factor(cfg.vae)  # one bucket step of latents: 4
+    torch.manual_seed(0)
+    model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
+    latents = torch.randn(2, cfg.vae.z_dim, 2 * side, 3 * side)  # (B, C, 8, 12): a 64x96 px image
+    text, mask = torch.randn(2, 5, cfg.text_encoder.dim), torch.ones(2, 5, dtype=torch.bool)
+    loss, per_sample, _ = diffusion_loss(model, latents, text, mask, cfg.objective, cfg.scheduler,
+                                         torch.Generator().manual_seed(0))
+    assert per_sample.shape == (2,) and torch.isfinite(loss)
+    loss.backward()
+    assert model.pos_embed.proj.kernel_size == (4, 4) and model.pos_embed.proj.weight.grad is not None

@@ -11,8 +11,9 @@ from diffusers import QwenImagePipeline
 from kiln.config import TextEncoderConfig, load_config
 from kiln.generate import to_pil
 from kiln.text_encoder import build_text_encoder
+from kiln.vae import vae_for
 from stages.common import run_without_orchestration
-from stages.sampling import generate_for_captions, load_stage, vae_for
+from stages.sampling import generate_for_captions, load_stage
 
 
 def test_export_loads_in_diffusers_and_draws_the_same_image(smoke_latents, tmp_path):
@@ -20,7 +21,7 @@ def test_export_loads_in_diffusers_and_draws_the_same_image(smoke_latents, tmp_p
     inputs = {"latents": smoke_latents / "latents", "vae": smoke_latents / "vae"}
     run_without_orchestration([("pretrain", "pretrain", inputs)], cfg, tmp_path)
     out = tmp_path / "exported"
-    result = subprocess.run([sys.executable, "-m", "kiln.cli", "export", "--from", str(tmp_path / "pretrain"),
+    result = subprocess.run([sys.executable, "-m", "kiln_cli", "export", "--from", str(tmp_path / "pretrain"),
                              "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert {"model_index.json", "transformer", "vae", "scheduler", "kiln.json"} <= {p.name for p in out.iterdir()}
@@ -42,7 +43,7 @@ def test_export_loads_in_diffusers_and_draws_the_same_image(smoke_latents, tmp_p
     for a, b in zip(ours, to_pil(theirs * 2 - 1)):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
 
-    again = subprocess.run([sys.executable, "-m", "kiln.cli", "export", "--from", str(tmp_path / "pretrain"),
+    again = subprocess.run([sys.executable, "-m", "kiln_cli", "export", "--from", str(tmp_path / "pretrain"),
                             "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 2
     assert again.stderr.strip() == f"kiln: error: export: {out} exists and is not empty; choose a new --out folder"

@@ -5,6 +5,7 @@ import torch
 from diffusers import QwenImagePipeline
 
 from kiln.generate import generate_images, generate_latents, to_pil
+from kiln.geometry import vae_factor
 from kiln.models import build_backbone, unpack
 from kiln.diffusion import Denoiser, make_process
 from kiln.sampler import flow_sigmas, make_scheduler, sample_euler
@@ -33,7 +34,7 @@ def test_same_image_as_qwen_image_pipeline(smoke_config, text_encoder):
     vae = build_vae(cfg.vae).eval()
     text, mask = text_encoder(["a red circle", "three blue squares"])
     null, null_mask = text_encoder(["a blurry picture"])
-    kwargs = dict(height=64, width=48, steps=6)
+    kwargs = dict(height=64, width=48, vae_factor=vae_factor(cfg.vae), steps=6)
 
     ours = generate_latents(model, text, mask, null, null_mask, cfg=4.0, sched=cfg.scheduler,
                             generator=torch.Generator().manual_seed(7), **kwargs)
@@ -66,7 +67,8 @@ def test_cfg_changes_the_result(smoke_config, text_encoder):
     model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim).eval()
     text, mask = text_encoder(["a red circle"])
     null, null_mask = text_encoder([""])
-    run = lambda scale: generate_latents(model, text, mask, null, null_mask, height=32, width=32, steps=3,  # noqa
+    run = lambda scale: generate_latents(model, text, mask, null, null_mask, height=32, width=32,  # noqa
+                                         vae_factor=vae_factor(cfg.vae), steps=3,
                                          cfg=scale, sched=cfg.scheduler, generator=torch.Generator().manual_seed(0))
     assert torch.equal(run(1.0), run(1.0))
     assert not torch.allclose(run(1.0), run(5.0))

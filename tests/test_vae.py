@@ -79,3 +79,15 @@ def test_vae_stage_checkpoints_on_sigterm_and_resumes_identically(smoke_latents,
     a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-6" / "model.safetensors"))
     b = load_file(str(tmp_path / "preempted" / "checkpoints" / "step-6" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_vae_factor_follows_dim_mult():
+    """Three levels downsample twice: a 4x VAE, and kiln.geometry says so."""
+    from kiln.geometry import vae_factor
+
+    cfg = load_config("smoke", ["vae.dim_mult=[1,2,2]", "data.bucket_multiple=8"]).vae
+    vae = build_vae(cfg).eval()
+    with torch.no_grad():
+        z = vae.encode(torch.randn(1, 3, 1, 32, 24)).latent_dist.mode()  # (B, 3, T=1, H, W)
+        assert z.shape == (1, cfg.z_dim, 1, 32 // vae_factor(cfg), 24 // vae_factor(cfg)) == (1, cfg.z_dim, 1, 8, 6)
+        assert vae.decode(z).sample.shape == (1, 3, 1, 32, 24)

@@ -9,6 +9,15 @@ import os
 import sys
 from pathlib import Path
 
+from kiln_cli.prefect_server import watch_ephemeral_server
+
+# Prefect reads its settings once, when it is first imported: Kiln's defaults go in before anything imports it.
+# The ephemeral API server's first start (database migrations) can take over 20 s on a busy 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# No anonymous usage heartbeat from the ephemeral server: offline, each run logged "Failed to send telemetry" as an
+# ERROR. This one setting also turns off the client's analytics events (they ask the server's setting first).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 
 def _run(args) -> int:
     from kiln.config import load_config
@@ -20,9 +29,9 @@ def _run(args) -> int:
         raise ValueError("--only reuses an existing run's outputs: name it with --run-name")
     run_root = Path(cfg.run_dir) / args.run_name if args.run_name else None
     stage_modes(cfg, args.force, args.from_stage, args.only, run_root)
-    # The ephemeral API server's first start (database migrations) can take over 20 s on a busy 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.pipeline import pipeline
+
+    watch_ephemeral_server()
 
     outputs = pipeline(preset=args.preset, overrides=args.overrides, run_name=args.run_name, force=args.force,
                        from_stage=args.from_stage, only=args.only)
@@ -41,8 +50,9 @@ def _run(args) -> int:
 
 
 def _generate(args) -> int:
+    from kiln.vae import vae_for
     from stages.common import pick_device
-    from stages.sampling import generate_for_captions, load_stage, vae_for
+    from stages.sampling import generate_for_captions, load_stage
 
     device = pick_device(args.device)
     cfg, model, vae_dir, meta = load_stage(Path(args.from_path), device)
@@ -86,8 +96,9 @@ def _compare_systems(args) -> int:
 
     for name in ("compare-base", *(args.systems or ())):  # a bad name or override fails before Prefect starts
         load_config(name, args.overrides)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.systems import compare_systems
+
+    watch_ephemeral_server()
 
     result = compare_systems(systems=args.systems, steps=args.steps, overrides=args.overrides, run_name=args.run_name)
     print(f"table: {result['table']}\nplot: {result['plot']}")

@@ -1,0 +1,56 @@
+"""Scoring generated or curated images against their captions: the one scorer factory behind the data funnel's
+alignment check, the preference stage's judge and the GRPO reward.
+
+A scorer combines named components with weights: `verifier` (reward/verifier.py: the fraction of the caption's
+checks the image passes) and `reward_model` (the learned reward model a reward stage trained, loaded once).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kiln.generate import to_pil
+from kiln.images import image_tensor
+from kiln.text_encoder import text_encoder_for
+from reward.model import RewardModel, load_reward_model
+
+COMPONENTS = ("verifier", "reward_model")
+
+
+def reward_scores(cfg, model: RewardModel, images, captions: list[str], device) -> torch.Tensor:
+    """(B,) rewards for PIL images or a (B, 3, H, W) tensor in [-1, 1], and their captions."""
+    if not isinstance(images, torch.Tensor):
+        images = torch.stack([image_tensor(image) for image in images])
+    text, mask = text_encoder_for(cfg, device)(captions)
+    return model(images.to(device), text, mask)
+
+
+def make_scorer(cfg, weights: dict[str, float], reward_model: Path | str | None, device):
+    """score(images, captions) -> (total (B,), {component: (B,)}), total = the weighted sum of the components named
+    in `weights`. images: PIL images or a (B, 3, H, W) tensor in [-1, 1]; reward_model: a reward stage's output
+    folder, needed when weights name 'reward_model'. Scores are float32 on the CPU."""
+    unknown = set(weights) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"scorer: unknown component(s) {sorted(unknown)}, expected some of {list(COMPONENTS)}")
+    model = None
+    if "reward_model" in weights:
+        if reward_model is None:
+            raise ValueError("scorer: the 'reward_model' component needs a reward stage output folder")
+        model = load_reward_model(Path(reward_model), device)
+
+    @torch.no_grad()
+    def score(images, captions: list[str]):
+        parts = {}
+        if "verifier" in weights:
+            from reward.verifier import score as verify
+
+            pil = to_pil(images) if isinstance(images, torch.Tensor) else images
+            parts["verifier"] = torch.tensor([verify(image, text) for image, text in zip(pil, captions)])
+        if model is not None:
+            parts["reward_model"] = reward_scores(cfg, model, images, captions, device).float().cpu()
+        total = sum(weights[name] * value for name, value in parts.items())
+        return total, parts
+
+    return score
