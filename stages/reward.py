@@ -117,7 +117,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
 
     torch.manual_seed(cfg.seed)
     model = RewardModel(text.shape[-1], tuple(rcfg.channels), rcfg.hidden)
-    trainer = Trainer("reward model", model, cfg, steps=rcfg.steps, lr=rcfg.lr, schedule=Schedule(decay="constant"),
+    trainer = Trainer("reward", model, cfg, steps=rcfg.steps, lr=rcfg.lr, schedule=Schedule(decay="constant"),
                       out_dir=out_dir, tracker=tracker, device=device, weight_decay=0.01, grad_clip=1.0,
                       state={"generator": generator}, meta={"kind": "reward"}, postfix=("loss", "accuracy"))
     trainer.start()

@@ -56,22 +56,22 @@ def test_vae_stage_checkpoints_on_sigterm_and_resumes_identically(smoke_latents,
     from kiln.checkpoint import list_checkpoints
     from kiln.preemption import Preempted
     from kiln.tracking import Tracker
+    from kiln.trainer import Trainer
     from stages import vae
 
     cfg = load_config("smoke", ["vae.train.steps=6", "cadence.checkpoint_every=4"])
     inputs = {"data": smoke_latents / "data"}
     vae.run(cfg, inputs, tmp_path / "straight", Tracker(None))
     assert [p.name for p in list_checkpoints(tmp_path / "straight" / "checkpoints")] == ["step-6"]
-    calls = []
-    original = vae._train_step
+    original = Trainer.train_step
 
-    def preempted_at_second(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args)
+    def preempted_at_second(self, *args):
+        out = original(self, *args)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before it kills the job
+        return out
 
-    monkeypatch.setattr(vae, "_train_step", preempted_at_second)
+    monkeypatch.setattr(Trainer, "train_step", preempted_at_second)
     with pytest.raises(Preempted, match="vae: stopped by SIGTERM at step 2"):
         vae.run(cfg, inputs, tmp_path / "preempted", Tracker(None))
     monkeypatch.undo()
