@@ -210,3 +210,21 @@ def load_training_state(ckpt: Path, model, ema, optimizer, param_names: list[str
     else:
         optimizer.load_state_dict(state["optimizer"])
     return state
+
+
+def save_network(out_dir: Path, stem: str, module: torch.nn.Module, arch: dict) -> None:
+    """A small network that is a stage's whole output (reward model, feature network): STEM.safetensors holds its
+    weights, STEM.json the arguments that build it."""
+    save_file(_state(module), str(Path(out_dir) / f"{stem}.safetensors"))
+    (Path(out_dir) / f"{stem}.json").write_text(json.dumps(arch, indent=1))
+
+
+def load_network(out_dir: Path, stem: str, build, stage: str, device="cpu") -> torch.nn.Module:
+    """What save_network wrote, rebuilt with build(arch) -> module: frozen, in eval mode, on device."""
+    arch_file = Path(out_dir) / f"{stem}.json"
+    if not arch_file.exists():
+        raise FileNotFoundError(f"{stage}: no {stem} at {out_dir} ({arch_file.name} missing): run the {stage} "
+                                f"stage first")
+    module = build(json.loads(arch_file.read_text()))
+    module.load_state_dict(load_file(str(Path(out_dir) / f"{stem}.safetensors")))
+    return module.to(device).eval().requires_grad_(False)

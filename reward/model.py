@@ -8,13 +8,13 @@ features (attention pooling: "red" can pick out red regions), and a small MLP sc
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
+
+from kiln.checkpoint import load_network
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,15 +53,9 @@ class RewardModel(nn.Module):
 
 def load_reward_model(reward_dir: Path, device="cpu") -> RewardModel:
     """A reward stage's output folder -> the trained RewardModel (eval mode, frozen)."""
-    reward_dir = Path(reward_dir)
-    config_file = reward_dir / "reward_model.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"reward: no reward model at {reward_dir} (reward_model.json missing): "
-                                "run the reward stage first")
-    arch = json.loads(config_file.read_text())
-    model = RewardModel(arch["text_dim"], tuple(arch["channels"]), arch["hidden"])
-    model.load_state_dict(load_file(str(reward_dir / "reward_model.safetensors")))
-    return model.to(device).eval().requires_grad_(False)
+    return load_network(reward_dir, "reward_model",
+                        lambda arch: RewardModel(arch["text_dim"], tuple(arch["channels"]), arch["hidden"]), "reward",
+                        device)
 
 
 def bradley_terry_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, margin=None) -> torch.Tensor:

@@ -4,16 +4,15 @@ network that cannot tell scenes apart would make the distance meaningless)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from data.labels import LABEL_SIZES, scene_labels
 from data.shards import iter_samples
 from data.synthetic import parse_caption
+from kiln.checkpoint import load_network, save_network
 from kiln.features import SIZE, FeatureNet
 from kiln.images import image_tensor
 from kiln.stage_io import StageResult, hash_files
@@ -23,14 +22,8 @@ from stages.common import pick_device
 
 def load_feature_net(features_dir: Path, device="cpu") -> FeatureNet:
     """A features stage's output folder -> the trained FeatureNet (eval mode, frozen)."""
-    features_dir = Path(features_dir)
-    arch_file = features_dir / "feature_net.json"
-    if not arch_file.exists():
-        raise FileNotFoundError(f"features: no feature network at {features_dir} (feature_net.json missing): "
-                                "run the features stage first")
-    net = FeatureNet(json.loads(arch_file.read_text())["dim"], *LABEL_SIZES)
-    net.load_state_dict(load_file(str(features_dir / "feature_net.safetensors")))
-    return net.to(device).eval().requires_grad_(False)
+    return load_network(features_dir, "feature_net", lambda arch: FeatureNet(arch["dim"], *LABEL_SIZES), "features",
+                        device)
 
 
 def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
@@ -72,8 +65,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     with torch.no_grad():
         _, val_right = net.loss(images[val].to(device), present[val].to(device), objects[val].to(device),
                                 kinds[val].to(device))
-    save_file(net.state_dict(), str(out_dir / "feature_net.safetensors"))
-    (out_dir / "feature_net.json").write_text(json.dumps({"dim": fcfg.dim}))
+    save_network(out_dir, "feature_net", net, {"dim": fcfg.dim})
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # done: the network above is the stage's output
     metrics = {"features/val_all_right": val_right.item(), "features/val_images": n_val}
     tracker.log_metrics(metrics)

@@ -12,15 +12,14 @@ cadence.checkpoint_every steps and on SIGTERM; a rerun resumes from the latest).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from data.shards import iter_samples, pad_and_stack
+from kiln.checkpoint import save_network
 from kiln.stage_io import StageResult, hash_files
 from kiln.trainer import Schedule, Trainer
 from reward.model import RewardModel, bradley_terry_loss, pairwise_accuracy
@@ -144,8 +143,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                    "reward/pairs_train": len(train), "reward/pairs_val": len(val),
                    "reward/prompts_train": n - n_val, "reward/prompts_val": n_val, "reward/data_pairs": n_data}
     tracker.log_metrics(metrics)
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out_dir / "reward_model.safetensors"))
-    (out_dir / "reward_model.json").write_text(json.dumps(
-        {"text_dim": text.shape[-1], "channels": list(rcfg.channels), "hidden": rcfg.hidden}, indent=1))
+    save_network(out_dir, "reward_model", model,
+                 {"text_dim": text.shape[-1], "channels": list(rcfg.channels), "hidden": rcfg.hidden})
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # done: the model above is the stage's output
     return StageResult("reward", out_dir, metrics, hash_files(out_dir, "reward_model.*"))
