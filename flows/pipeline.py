@@ -212,10 +212,26 @@ COMPARISON_METRICS = {
 }
 
 
+# Gains over the previous evaluated stage (same prompts and noise), shown as "gain [95% CI]".
+GAIN_COLUMNS = {
+    "gain heldout single colour+shape": "eval/gain/heldout/single/colour_shape",
+    "gain heldout count": "eval/gain/heldout/count/count",
+    "gain heldout relation": "eval/gain/heldout/relation/relation",
+    "gain heldout reward": "eval/gain/heldout/all/score",
+}
+
+
+def _gain(metrics: dict, key: str) -> str | None:
+    if key not in metrics:
+        return None
+    return f"{metrics[key]:+.3f} [{metrics[key + '_low']:+.3f}, {metrics[key + '_high']:+.3f}]"
+
+
 def comparison_rows(evals: dict[str, dict]) -> list[dict]:
-    """One row per evaluated stage, the columns people compare stages by."""
+    """One row per evaluated stage, the columns people compare stages by, and its paired gain over the stage before."""
     return [{"stage": name.removeprefix("eval-"),
-             **{label: metrics.get(key) for label, key in COMPARISON_METRICS.items()}}
+             **{label: metrics.get(key) for label, key in COMPARISON_METRICS.items()},
+             **{label: _gain(metrics, key) for label, key in GAIN_COLUMNS.items()}}
             for name, metrics in evals.items()]
 
 

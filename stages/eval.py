@@ -3,11 +3,13 @@ verifier, log per-category accuracy (colour, shape, count, relation), a verifier
 
 Also measured: sampling throughput (images/s), a random-caption baseline (each image checked against the caption of
 another prompt of its split and kind, drawn at random: what a model that ignores the text but draws the evaluated
-distribution would score), and, given a features stage (`inputs["features"]`), the Frechet distance between the
+distribution would score), given the previous evaluated stage (`inputs["previous"]`, same prompts and noise) the
+paired gain over it with a 95% bootstrap interval over prompts (kiln/stats.py), and, given a features stage (`inputs["features"]`), the Frechet distance between the
 generated images and real renders of the same prompts on that stage's feature network."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import defaultdict
@@ -20,12 +22,16 @@ from data.synthetic import caption, eval_prompts, make_holdout, render
 from kiln import seeding
 from kiln.generate import image_grid
 from kiln.stage_io import StageResult, hash_files
+from kiln.stats import paired_bootstrap_ci
 from kiln.vae import vae_for
 from reward.verifier import verify
 from stages.common import pick_device, write_json
 from stages.sampling import generate_for_captions, load_stage
 
 CHECKS = ("colour", "shape", "count", "relation")
+# What a stage's gain over the previous evaluated stage is measured on: held-out compositions, per kind's own check.
+GAIN_METRICS = (("heldout", "single", "colour_shape"), ("heldout", "count", "count"), ("heldout", "relation", "relation"),
+                ("heldout", "all", "score"))
 REAL_PER_PROMPT = 4  # real renders per evaluated prompt for the Frechet distance's reference set
 
 
@@ -42,6 +48,33 @@ def summarise(rows: list[dict]) -> dict[str, float]:
         groups[f"eval/{row['split']}/all/score"].append(row["score"])
         groups[f"eval/{row['split']}/all/baseline_score"].append(row["baseline_score"])
     return {key: sum(values) / len(values) for key, values in sorted(groups.items())}
+
+
+def prompt_scores(rows: list[dict], images_per_prompt: int, split: str, kind: str, check: str) -> dict[int, float]:
+    """{prompt index: the mean of `check` over that prompt's images}, for one split and kind ("all": every kind)."""
+    by_prompt: dict[int, list[float]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        if row["split"] == split and kind in ("all", row["kind"]) and row.get(check) is not None:
+            by_prompt[i // images_per_prompt].append(float(row[check]))
+    return {prompt: sum(values) / len(values) for prompt, values in by_prompt.items()}
+
+
+def paired_gains(previous_rows: list[dict], rows: list[dict], images_per_prompt: int) -> dict[str, float]:
+    """This evaluation's gain over the previous stage's on the same prompts and noise, per GAIN_METRICS: the mean
+    per-prompt difference and its 95% paired bootstrap interval (eval/gain/..., _low, _high)."""
+    if [r["caption"] for r in previous_rows] != [r["caption"] for r in rows]:
+        raise ValueError("eval: the previous stage's evaluation used other prompts: the gain needs the same ones")
+    out = {}
+    for split, kind, check in GAIN_METRICS:
+        before = prompt_scores(previous_rows, images_per_prompt, split, kind, check)
+        after = prompt_scores(rows, images_per_prompt, split, kind, check)
+        prompts = sorted(before.keys() & after.keys())
+        if not prompts:
+            continue
+        gain, low, high = paired_bootstrap_ci([before[p] for p in prompts], [after[p] for p in prompts])
+        key = f"eval/gain/{split}/{kind}/{check}"
+        out |= {key: gain, f"{key}_low": low, f"{key}_high": high}
+    return out
 
 
 def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
@@ -91,7 +124,14 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                "eval/steps": ecfg.steps}
     if inputs.get("features"):
         metrics |= frechet_distances(cfg, Path(inputs["features"]), prompts, images, resolution, device)
-    write_json(samples / "verifier.json", {"metrics": metrics, "rows": rows})
+    if inputs.get("previous"):
+        previous = json.loads((Path(inputs["previous"]) / "samples" / "verifier.json").read_text())["rows"]
+        metrics |= paired_gains(previous, rows, ecfg.images_per_prompt)
+        tracker.set_tags({"kiln.gain_over": Path(inputs["previous"]).name})
+    # The stage's output (hashed for the cache) holds what the model drew, not how fast this machine drew it: a
+    # rerun with identical images must not look like a changed input to the evaluation that pairs against it.
+    write_json(samples / "verifier.json", {"metrics": {k: v for k, v in metrics.items() if k != "eval/images_per_s"},
+                                           "rows": rows})
     labels = [f"{'ok' if r['correct'] else 'x'} {r['caption']}" for r in rows]
     step = ecfg.images_per_prompt
     grid = image_grid(images[::step], labels[::step], cols=8)

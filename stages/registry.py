@@ -67,8 +67,10 @@ STAGES: dict[str, StageSpec] = {spec.kind: spec for spec in (
     StageSpec("pretrain", ("seed", "model", "objective", "scheduler", "train", "text_encoder"), checkpoints_hash,
               inputs={"latents": "latents", "vae": "vae", "init": LATEST_GENERATOR}, optional=frozenset({"init"}),
               data_parallel=True, trains_generator=True, per_rung=True),
+    # previous: the eval stage before it (same prompts and noise), for the paired gain over that stage.
     StageSpec("eval", ("eval", "sampler", "scheduler"), samples_hash,
-              inputs={"model": LATEST_GENERATOR, "features": "features"}, optional=frozenset({"features"})),
+              inputs={"model": LATEST_GENERATOR, "features": "features", "previous": "eval"},
+              optional=frozenset({"features", "previous"})),
     StageSpec("features", ("seed", "features"), files_hash("feature_net.*"), inputs={"data": "data"}),
     StageSpec("sft", ("seed", "sft", "model", "objective", "scheduler", "train", "text_encoder", "data.aspect_ratios"),
               checkpoints_hash, inputs={"latents": "latents", "vae": "vae", "init": LATEST_GENERATOR},
@@ -125,6 +127,7 @@ def pipeline_plan(cfg: KilnConfig) -> list[PlannedStage]:
             if spec.trains_generator:
                 latest[LATEST_GENERATOR] = name
                 plan.append(PlannedStage(f"eval-{name}", "eval", stage_inputs("eval", latest)))
+                latest["eval"] = f"eval-{name}"
     return plan
 
 

@@ -16,17 +16,18 @@ def test_the_smoke_plan_wires_every_stage_to_its_inputs():
         PlannedStage("vae", "vae", {"data": "data"}),
         PlannedStage("latents", "latents", {"data": "data", "vae": "vae"}),
         PlannedStage("pretrain-32", "pretrain", {"latents": "latents", "vae": "vae", "init": None}, 0),
-        PlannedStage("eval-pretrain-32", "eval", {"model": "pretrain-32", "features": None}),
+        PlannedStage("eval-pretrain-32", "eval", {"model": "pretrain-32", "features": None, "previous": None}),
         PlannedStage("pretrain-64", "pretrain", {"latents": "latents", "vae": "vae", "init": "pretrain-32"}, 1),
-        PlannedStage("eval-pretrain-64", "eval", {"model": "pretrain-64", "features": None}),
+        PlannedStage("eval-pretrain-64", "eval", {"model": "pretrain-64", "features": None,
+                                                   "previous": "eval-pretrain-32"}),
         PlannedStage("sft", "sft", {"latents": "latents", "vae": "vae", "init": "pretrain-64"}),
-        PlannedStage("eval-sft", "eval", {"model": "sft", "features": None}),
+        PlannedStage("eval-sft", "eval", {"model": "sft", "features": None, "previous": "eval-pretrain-64"}),
         PlannedStage("preference", "preference", {"model": "sft", "vae": "vae"}),
         PlannedStage("reward", "reward", {"pairs": "preference", "vae": "vae", "data": "data"}),
         PlannedStage("dpo", "dpo", {"pairs": "preference", "init": "sft", "vae": "vae"}),
-        PlannedStage("eval-dpo", "eval", {"model": "dpo", "features": None}),
+        PlannedStage("eval-dpo", "eval", {"model": "dpo", "features": None, "previous": "eval-sft"}),
         PlannedStage("grpo", "grpo", {"init": "dpo", "vae": "vae", "reward": "reward"}),
-        PlannedStage("eval-grpo", "eval", {"model": "grpo", "features": None}),
+        PlannedStage("eval-grpo", "eval", {"model": "grpo", "features": None, "previous": "eval-dpo"}),
     ]
 
 
