@@ -41,7 +41,7 @@ def format_table(rows: list[tuple[str, list[str], list[list]]]) -> str:
     lines = ["| run | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, _, data in rows:
         for row in data:
-            cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
+            cells = [f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v) for v in row]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
