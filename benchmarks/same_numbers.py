@@ -4,8 +4,8 @@ refactor and one after it, with the same config on the same machine.
 
     python benchmarks/same_numbers.py BEFORE_RUN_DIR AFTER_RUN_DIR
 
-Prints the held-out table of both runs, then one line per stage: identical, or what differs. Exit code 1 if anything
-differs. Timing metrics (seconds, images per second) are left out: they measure the machine, not the model.
+Prints the held-out table of both runs, then one line per stage: identical, or what differs. Exit code 1 if a shared
+metric or a stage's weights differ, or a metric of the first run is missing from the second (new metrics are listed). Timing metrics (seconds, images per second) are left out: they measure the machine, not the model.
 """
 
 from __future__ import annotations
@@ -53,9 +53,12 @@ def main() -> int:
     differences = 0
     for name in sorted(set(before) | set(after)):
         a, b = before.get(name, {}), after.get(name, {})
-        changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        differences += bool(changed)
-        print(f"{name}: {len(a)} metrics " + ("identical" if not changed else f"differ in {changed[:5]}"))
+        changed = sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
+        only = {"only before": sorted(a.keys() - b.keys()), "only after": sorted(b.keys() - a.keys())}
+        differences += bool(changed) + bool(only["only before"])  # a metric that disappeared counts; a new one not
+        print(f"{name}: {len(a.keys() & b.keys())} shared metrics "
+              + ("identical" if not changed else f"differ in {changed[:5]}")
+              + "".join(f"; {label}: {keys[:3]}{' ...' if len(keys) > 3 else ''}" for label, keys in only.items() if keys))
     for stage in sorted(p for p in args.before.iterdir() if p.is_dir() and not p.name.startswith(".")):
         a, b = final_weights(stage), final_weights(args.after / stage.name)
         if a is None:
