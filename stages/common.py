@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from kiln.stage_io import read_stage_manifest
 
 
 def pick_device(name: str) -> torch.device:
@@ -24,14 +23,6 @@ def training_device(cfg) -> torch.device:
     from kiln import distributed
 
     return distributed.device_for(pick_device(cfg.device), distributed.ranks())
-
-
-def require_stage(path: Path, what: str) -> dict:
-    """The manifest of an upstream stage output, or a one-line error saying which stage to run first."""
-    manifest = read_stage_manifest(path)
-    if manifest is None:
-        raise FileNotFoundError(f"{what}: no stage output at {path} (manifest.json missing): run that stage first")
-    return manifest
 
 
 def save_uncond(path: Path, emb: torch.Tensor, mask: torch.Tensor) -> None:
