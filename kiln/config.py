@@ -385,7 +385,9 @@ class DpoConfig(Strict):
 class GrpoConfig(Strict):
     """Flow-GRPO; names follow TRL's GRPOConfig where TRL has one (beta, epsilon, num_generations, ...)."""
 
-    reward: Literal["verifier", "reward_model", "weighted"] = "verifier"
+    # verifier: the fraction of checks passed; verifier_dense: the same checks with partial credit (a count one off
+    # scores above one far off), which gives a group of near misses an advantage to climb.
+    reward: Literal["verifier", "verifier_dense", "reward_model", "weighted"] = "verifier_dense"
     reward_model: str | None = None  # a reward stage output folder; the pipeline passes its own
     reward_weights: dict[str, float] = {"verifier": 1.0, "reward_model": 1.0}  # for reward: weighted
     num_generations: int = Field(8, ge=2)  # group size G: images per prompt
@@ -405,17 +407,38 @@ class GrpoConfig(Strict):
     num_inference_steps: int = Field(10, gt=1)
     noise_level: float = Field(0.7, gt=0)
     cfg: float = Field(4.0, ge=1.0)
-    # Fraction of the denoising steps trained on per sample (Flow-GRPO's timestep_fraction); the rest only sampled.
-    timestep_fraction: float = Field(0.6, gt=0, le=1)
+    # Flow-GRPO-Fast / MixGRPO: SDE steps only in a window of `sde_window` consecutive steps starting at a step drawn
+    # each training step from [0, sde_window_starts); ODE steps elsewhere. The group's spread of rewards then comes
+    # from the window alone and training runs on the window's steps only. sde_window = num_inference_steps with
+    # sde_window_starts = 1 is Flow-GRPO (SDE everywhere).
+    sde_window: int = Field(2, gt=0)
+    sde_window_starts: int = Field(3, gt=0)
+    # The G images of a prompt start from one initial noise (and share the ODE steps before the window), so the
+    # group mean is a baseline for that start: advantages then credit the window's actions, not the luck of the draw.
+    shared_initial_noise: bool = True
+    # Fraction of the window's steps trained on per sample (Flow-GRPO's timestep_fraction); the rest only sampled.
+    timestep_fraction: float = Field(1.0, gt=0, le=1)
+    # Held-out prompts (verifier, ODE sampling at eval.cfg, fixed noise) scored after every step: the curve that
+    # tells a policy that learns from one that drifts. 0: none.
+    heldout_prompts: int = Field(12, ge=0)
     seed: int = 2
 
     @field_validator("reward_weights")
     @classmethod
     def _known_rewards(cls, weights: dict[str, float]) -> dict[str, float]:
-        unknown = set(weights) - {"verifier", "reward_model"}
+        unknown = set(weights) - {"verifier", "verifier_dense", "reward_model"}
         if unknown:
-            raise ValueError(f"unknown reward(s) {sorted(unknown)}, expected 'verifier' and/or 'reward_model'")
+            raise ValueError(f"unknown reward(s) {sorted(unknown)}, expected some of 'verifier', 'verifier_dense' "
+                             f"and 'reward_model'")
         return weights
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> GrpoConfig:
+        last = self.sde_window_starts - 1 + self.sde_window
+        if last > self.num_inference_steps:
+            raise ValueError(f"the SDE window (sde_window {self.sde_window}, starting as late as step "
+                             f"{self.sde_window_starts - 1}) runs past num_inference_steps {self.num_inference_steps}")
+        return self
 
 
 class KilnConfig(Strict):

@@ -8,11 +8,17 @@ Parameter names follow TRL's GRPOConfig: `num_generations` (group size), `scale_
     log_prob, mean, std = sde_step_log_prob(v, trajectory[:, j], trajectory[:, j + 1], sigmas[j], sigmas[j + 1], ...)
     ref_mean = sde_mean_std(ref_model(...), trajectory[:, j], sigmas[j], sigmas[j + 1], ...)[0]   # no grad
     loss, stats = grpo_loss(log_prob, old_log_probs[:, j], advantages, beta=beta, mean=mean, ref_mean=ref_mean, std=std)
+
+`informative_groups` marks the groups whose rewards differ (the others carry no signal and are skipped) and
+`window_step_losses` yields that loss for each trained step of a rollout sampled with kiln/sampler.py's
+`sample_sde(..., window=...)`: the stage and the toy test share it.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kiln.sampler import sde_mean_std, sde_step_log_prob
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str | bool = "group",
@@ -84,3 +90,40 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
     kl = gaussian_kl(mean, ref_mean, std).mean()
     stats["kl"] = kl.detach()
     return policy_loss + beta * kl, stats
+
+
+def informative_groups(rewards: torch.Tensor, num_generations: int, tol: float = 1e-6) -> torch.Tensor:
+    """(B,) bool: True for the rows of groups whose rewards are not all equal. A group of equal rewards has zero
+    advantage everywhere: training on it spends compute and, with a KL term, only pulls towards the reference."""
+    grouped = rewards.float().view(-1, num_generations)  # (B/G, G)
+    spread = grouped.max(dim=1).values - grouped.min(dim=1).values
+    return (spread > tol).repeat_interleave(num_generations)
+
+
+def window_step_losses(policy, reference, trajectory: torch.Tensor, old_log_probs: torch.Tensor,
+                       advantages: torch.Tensor, sigmas: torch.Tensor, start: int, steps, *, noise_level: float,
+                       epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0):
+    """Yields (loss, stats) for each trained step k of a rollout's SDE window (k indexes the window: denoising step
+    start + k). policy, reference: fn(x, sigma) -> velocity (reference may be None when beta is 0 and no KL is
+    wanted); trajectory (B, n + 1, ...), old_log_probs (B, n) from sample_sde; advantages (B,); sigmas the whole
+    schedule. The caller backpropagates each loss (gradients accumulate step by step, so memory holds one step).
+
+    stats: the surrogate's (clipfrac, approx_kl, ratio, policy_loss), "ratio_dev" (max |ratio - 1|: 0 on the first
+    pass over a fresh rollout, the on-policy check) and "kl" to the reference whenever a reference is given."""
+    sigma_max = sigmas[1]
+    for k in steps:
+        j = start + k
+        x_j, x_next = trajectory[:, k], trajectory[:, k + 1]
+        log_prob, mean, std = sde_step_log_prob(policy(x_j, sigmas[j]), x_j, x_next, sigmas[j], sigmas[j + 1],
+                                                noise_level=noise_level, sigma_max=sigma_max)
+        ref_mean = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_mean = sde_mean_std(reference(x_j, sigmas[j]), x_j, sigmas[j], sigmas[j + 1],
+                                        noise_level=noise_level, sigma_max=sigma_max)[0]
+        loss, stats = grpo_loss(log_prob, old_log_probs[:, k], advantages, epsilon=epsilon, epsilon_high=epsilon_high,
+                                beta=beta, mean=mean, ref_mean=ref_mean, std=std)
+        if reference is not None and "kl" not in stats:  # logged even when it is not penalised
+            stats["kl"] = gaussian_kl(mean.detach(), ref_mean, std).mean()
+        stats["ratio_dev"] = (log_prob.detach() - old_log_probs[:, k]).exp().sub(1).abs().max()
+        yield loss, stats

@@ -182,19 +182,32 @@ def sde_step_log_prob(v, x, x_next, sigma, sigma_next, *, noise_level: float, si
 
 
 def sample_sde(denoiser, x: torch.Tensor, times: torch.Tensor, progress: bool = False, generator=None, *,
-               noise_level: float):
+               noise_level: float, window: tuple[int, int] | None = None):
     """Flow-GRPO SDE sampling from times[0] (noise) to times[-1] (data); the samplers' signature.
 
-    x: (B, ...). Returns (x0 (B, ...), log_probs (B, steps), trajectory (B, steps + 1, ...)): trajectory[:, j] is
-    the sample before step j and trajectory[:, j + 1] the one it drew, the pair whose log-prob GRPO re-evaluates.
-    noise_level = 0 reproduces sample_euler (with NaN log-probs)."""
+    window = (start, stop): SDE steps only for step indices start <= i < stop and Euler (ODE) steps elsewhere, as in
+    Flow-GRPO-Fast and MixGRPO: the reward's spread then comes from the window's noise alone, so the policy gradient
+    credits the steps it trains on. None: every step is an SDE step (Flow-GRPO).
+
+    x: (B, ...). Returns (x0 (B, ...), log_probs (B, n), trajectory (B, n + 1, ...)) with n = stop - start:
+    trajectory[:, k] is the sample before step start + k and trajectory[:, k + 1] the one it drew, the pair whose
+    log-prob GRPO re-evaluates. noise_level = 0 reproduces sample_euler (with NaN log-probs)."""
+    steps = len(times) - 1
+    start, stop = (0, steps) if window is None else window
+    if not 0 <= start < stop <= steps:
+        raise ValueError(f"SDE window {window} must lie within the {steps} sampling steps")
     x = x.float()
     sigma_max = times[1] if len(times) > 1 else None
-    trajectory, log_probs = [x], []
-    for i in tqdm(range(len(times) - 1), desc="sampling (SDE)", disable=not progress, leave=False):
+    trajectory, log_probs = [], []
+    for i in tqdm(range(steps), desc="sampling (SDE)", disable=not progress, leave=False):
         v = denoiser.velocity(x, times[i])
+        if not start <= i < stop:
+            x = x + (times[i + 1] - times[i]) * v
+            continue
+        trajectory.append(x)
         x, log_prob, _, _ = sde_step(v, x, times[i], times[i + 1], noise_level=noise_level, sigma_max=sigma_max,
                                      generator=generator)
-        trajectory.append(x)
         log_probs.append(log_prob)
+        if i == stop - 1:
+            trajectory.append(x)
     return x, torch.stack(log_probs, dim=1), torch.stack(trajectory, dim=1)

@@ -2,7 +2,8 @@
 alignment check, the preference stage's judge and the GRPO reward.
 
 A scorer combines named components with weights: `verifier` (reward/verifier.py: the fraction of the caption's
-checks the image passes) and `reward_model` (the learned reward model a reward stage trained, loaded once).
+checks the image passes), `verifier_dense` (the same checks with partial credit, reward/verifier.py's
+partial_score) and `reward_model` (the learned reward model a reward stage trained, loaded once).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from kiln.images import image_tensor
 from kiln.text_encoder import text_encoder_for
 from reward.model import RewardModel, load_reward_model
 
-COMPONENTS = ("verifier", "reward_model")
+COMPONENTS = ("verifier", "verifier_dense", "reward_model")
 
 
 def reward_scores(cfg, model: RewardModel, images, captions: list[str], device) -> torch.Tensor:
@@ -43,11 +44,12 @@ def make_scorer(cfg, weights: dict[str, float], reward_model: Path | str | None,
     @torch.no_grad()
     def score(images, captions: list[str]):
         parts = {}
-        if "verifier" in weights:
-            from reward.verifier import score as verify
+        from reward.verifier import partial_score, score as verify
 
-            pil = to_pil(images) if isinstance(images, torch.Tensor) else images
-            parts["verifier"] = torch.tensor([verify(image, text) for image, text in zip(pil, captions)])
+        for name, check in (("verifier", verify), ("verifier_dense", partial_score)):
+            if name in weights:
+                pil = to_pil(images) if isinstance(images, torch.Tensor) else images
+                parts[name] = torch.tensor([check(image, text) for image, text in zip(pil, captions)])
         if model is not None:
             parts["reward_model"] = reward_scores(cfg, model, images, captions, device).float().cpu()
         total = sum(weights[name] * value for name, value in parts.items())

@@ -254,3 +254,29 @@ def score(image: Image.Image | np.ndarray, caption: str | SceneSpec) -> float:
     """Fraction of applicable checks passed, in [0, 1]; usable as a reward."""
     checks = verify(image, caption).checks()
     return sum(checks) / len(checks)
+
+
+def partial_score(image: Image.Image | np.ndarray, caption: str | SceneSpec) -> float:
+    """Dense reward in [0, 1]: the mean of per-check partial credits, so a near miss scores above a far one (three
+    squares for "four squares" above one square), which a policy gradient can climb where the 0/1 checks are flat.
+
+      colour:   fraction of the described colours found.
+      shape:    fraction of the described (colour, shape) pairs found.
+      count:    1 - (sum over pairs of |found - described| + objects not described) / described objects, >= 0.
+      relation: 1 if it holds, 0.5 if both objects are found on the wrong side, 0 if one is missing.
+    Equals score() when every check passes or every check fails outright."""
+    verdict = verify(image, caption)
+    spec, detections = verdict.spec, verdict.detections
+    pairs = spec.pairs()
+    found_pairs = [(d.colour, d.shape) for d in detections]
+    found_colours = {d.colour for d in detections}
+    colour = sum(c in found_colours for c, _ in pairs) / len(pairs)
+    shape = sum(pair in found_pairs for pair in pairs) / len(pairs)
+    described = spec.count * len(pairs)
+    found = [found_pairs.count(pair) for pair in pairs]
+    errors = sum(abs(n - spec.count) for n in found) + (len(detections) - sum(found))  # + undescribed objects
+    credits = [colour, shape, max(0.0, 1 - errors / described)]
+    if spec.kind == "relation":
+        both = all(_locate(detections, c, s, spec.colour != spec.other_colour) is not None for c, s in pairs)
+        credits.append(1.0 if verdict.relation else 0.5 if both else 0.0)
+    return sum(credits) / len(credits)

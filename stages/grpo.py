@@ -1,11 +1,16 @@
 """GRPO stage: Flow-GRPO on training prompts, from the previous stage's weights, that stage frozen as reference.
 
-One step: sample G = num_generations images for each of `prompts_per_step` training prompts with the SDE sampler
-(kiln/sampler.py `sample_sde`, fewer steps than evaluation, true CFG), keeping every step's Gaussian log-prob;
-score them with the reward (the verifier, the learned reward model, or a weighted sum); normalise rewards within
-each prompt's group; then re-evaluate the log-probs of a random subset of the denoising steps under the current
-policy and minimise the PPO-clipped surrogate plus beta * KL to the reference (kiln/grpo.py), one optimizer step
-per sampled batch and pass. Only training compositions are ever sampled: held-out ones stay for evaluation.
+One step: for each of `prompts_per_step` training prompts, G = num_generations images from one initial noise
+(`shared_initial_noise`), Euler (ODE) steps except a window of `sde_window` SDE steps that starts at a step drawn
+from the first `sde_window_starts` (Flow-GRPO-Fast, MixGRPO); kiln/sampler.py `sample_sde` keeps the window's
+Gaussian log-probs. Score the images with the reward (the verifier with partial credit, the verifier, the learned
+reward model, or a weighted sum); normalise rewards within each prompt's group and drop the groups whose rewards are
+all equal (no signal); then re-evaluate the window's log-probs under the current policy and minimise the PPO-clipped
+surrogate plus beta * KL to the reference (kiln/grpo.py `window_step_losses`), one optimizer step per sampled batch
+and pass. The first pass over a fresh rollout is on-policy: its importance ratio is exactly 1 (logged as
+`ratio_dev`). Only training compositions are ever sampled; `heldout_prompts` held-out ones are drawn with the ODE
+sampler from fixed noise after every step and scored by the verifier, with the KL to the reference, so the log shows
+whether the policy learns or drifts.
 
 Under torchrun each of N processes samples and scores the groups of prompts_per_step / N prompts (a group never
 spans processes, so advantages stay per group) with its own noise stream, seeded per step and rank so a resumed
@@ -20,21 +25,27 @@ from pathlib import Path
 
 import torch
 
+from data.synthetic import KINDS, caption, eval_prompts, make_holdout
 from kiln import distributed, seeding
 from kiln.checkpoint import resolve_checkpoint
 from kiln.diffusion import Denoiser, make_process
-from kiln.generate import initial_noise
+from kiln.generate import generate_latents, initial_noise, to_pil
 from kiln.geometry import token_grid, vae_factor
-from kiln.grpo import group_advantages, grpo_loss
+from kiln.grpo import group_advantages, informative_groups, window_step_losses
 from kiln.models import unpack
-from kiln.sampler import flow_sigmas, guided_prediction, sample_sde, sde_mean_std, sde_step_log_prob
+from kiln.sampler import flow_sigmas, guided_prediction, sample_sde
 from kiln.stage_io import StageResult, hash_files
 from kiln.text_encoder import text_encoder_for
 from kiln.vae import decode_latents, vae_for
 from reward.scoring import make_scorer
+from reward.verifier import verify
 from stages.common import training_device
 from stages.policy import policy_trainer
 from stages.preference import training_captions
+
+# Sampling rounds per step before a step trains on groups without signal (at zero advantage): every rank runs the
+# same number of rounds, because the decision is taken on the count summed over ranks.
+MAX_ROUNDS = 4
 
 
 def reward_weights(cfg) -> dict[str, float]:
@@ -55,6 +66,31 @@ def make_reward(cfg, reward_dir: Path | None, device):
     return make_scorer(cfg, weights, path, device)
 
 
+def heldout_probe(cfg, encoder, vae, null, resolution: int, device):
+    """probe(policy) -> {"heldout_correct", "heldout_score"}: the verifier on `grpo.heldout_prompts` held-out prompts
+    of the trained kinds, drawn with the eval sampler and CFG from noise fixed for the whole stage."""
+    gcfg, ecfg = cfg.grpo, cfg.eval
+    kinds = [k for k in KINDS if k in gcfg.prompt_kinds]
+    per_kind = -(-gcfg.heldout_prompts // len(kinds))
+    rng = random.Random(seeding.eval_baseline(gcfg.seed))
+    specs = [s for s in eval_prompts(make_holdout(cfg.data.holdout_seed), "heldout", per_kind, gcfg.seed)
+             if s.kind in kinds][:gcfg.heldout_prompts]
+    captions = [caption(spec, rng) for spec in specs]
+    text, mask = encoder(captions)
+    seed = seeding.grpo_noise(gcfg.seed, -1, 0)
+
+    @torch.no_grad()
+    def probe(policy) -> dict[str, float]:
+        latents = generate_latents(policy, text, mask, *null, height=resolution, width=resolution,
+                                   vae_factor=vae_factor(cfg.vae), steps=gcfg.num_inference_steps, cfg=ecfg.cfg,
+                                   sched=cfg.scheduler, generator=torch.Generator(device=device).manual_seed(seed))
+        verdicts = [verify(image, c) for image, c in zip(to_pil(decode_latents(vae, latents)), captions)]
+        return {"heldout_correct": sum(v.correct for v in verdicts) / len(verdicts),
+                "heldout_score": sum(sum(v.checks()) / len(v.checks()) for v in verdicts) / len(verdicts)}
+
+    return probe
+
+
 def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     out_dir = Path(out_dir)
     gcfg = cfg.grpo
@@ -65,7 +101,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     # Every step is logged: each one samples and scores a fresh batch, so its reward is the curve to watch.
     trainer, reference = policy_trainer(
         cfg, "grpo", init, out_dir, tracker, steps=gcfg.max_steps, learning_rate=gcfg.learning_rate, warmup_steps=0,
-        max_grad_norm=gcfg.max_grad_norm, state={"generator": generator}, log_every=1, postfix=("reward", "kl"))
+        max_grad_norm=gcfg.max_grad_norm, state={"generator": generator}, log_every=1,
+        postfix=("reward", "kl", "heldout_correct"))
     trainer.meta["resolution"] = resolution
     device, ranks = trainer.device, trainer.ranks
     if gcfg.prompts_per_step % ranks.world_size:
@@ -76,75 +113,102 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     encoder = text_encoder_for(cfg, device)
     reward = make_reward(cfg, inputs.get("reward"), device)
     null_text, null_mask = encoder([cfg.sampler.negative_prompt])  # (1, L0, D)
+    probe = heldout_probe(cfg, encoder, vae, (null_text, null_mask), resolution, device) if gcfg.heldout_prompts \
+        else None
 
     h = w = resolution // vae_factor(cfg.vae)
     grid = token_grid(h, w)
     sigmas = flow_sigmas(gcfg.num_inference_steps, grid[0] * grid[1], cfg.scheduler).to(device)  # (steps + 1,)
-    sigma_max = sigmas[1]
-    steps = len(sigmas) - 1
-    n_train = max(1, round(gcfg.timestep_fraction * steps))
+    window = gcfg.sde_window
+    n_train = max(1, round(gcfg.timestep_fraction * window))
     group = gcfg.num_generations
     policy = trainer.forward
 
+    def rollout(prompts: list[str], step_rng: random.Random) -> dict:
+        """G images per prompt, SDE only in this step's window; rewards, advantages and the window's trajectory."""
+        captions = [c for c in prompts for _ in range(group)]  # TRL's layout: each prompt G times in a row
+        text, mask = encoder(captions)  # (B, L, D), (B, L)
+        null_b, null_mask_b = null_text.expand(len(captions), -1, -1), null_mask.expand(len(captions), -1)
+        start = step_rng.randrange(gcfg.sde_window_starts)
+        with torch.no_grad():
+            velocity = guided_prediction(policy, text, mask, null_b, null_mask_b, gcfg.cfg, grid)
+            if gcfg.shared_initial_noise:  # (P, N, D) -> (B, N, D), each prompt's noise G times in a row
+                noise = initial_noise(len(prompts), cfg.vae.z_dim, h, w, generator, device).repeat_interleave(group, 0)
+            else:
+                noise = initial_noise(len(captions), cfg.vae.z_dim, h, w, generator, device)  # (B, N, D)
+            denoiser = Denoiser(velocity, "flow", make_process(None))
+            x0, old_log_probs, trajectory = sample_sde(denoiser, noise, sigmas, noise_level=gcfg.noise_level,
+                                                       generator=generator, window=(start, start + window))
+            images = decode_latents(vae, unpack(x0, h, w))  # (B, 3, H, W)
+            rewards, parts = reward(images, captions)  # (B,)
+        return {"text": text, "mask": mask, "null": (null_b, null_mask_b), "trajectory": trajectory,  # (B, n+1, N, D)
+                "old_log_probs": old_log_probs, "start": start, "rewards": rewards, "parts": parts,
+                "advantages": group_advantages(rewards, group, gcfg.scale_rewards).to(device),  # (B,)
+                "keep": informative_groups(rewards, group).to(device)}
+
+    def select(batch: dict, keep: torch.Tensor) -> dict:
+        rows = lambda t: t[keep]  # noqa: E731
+        return {**batch, "text": rows(batch["text"]), "mask": rows(batch["mask"]),
+                "null": tuple(rows(t) for t in batch["null"]), "trajectory": rows(batch["trajectory"]),
+                "old_log_probs": rows(batch["old_log_probs"]), "advantages": rows(batch["advantages"])}
+
     def sampled_batches():
-        """Per step: sample G images for each prompt with the current policy, keeping the trajectory and its per-step
-        log-probs, score them and normalise within groups; the same batch serves num_iterations optimizer steps."""
+        """Per step: roll out groups with the current policy until some group's rewards differ (up to MAX_ROUNDS),
+        keep only those groups; the same batch serves num_iterations optimizer steps."""
         while True:
             step_rng = random.Random(seeding.grpo_prompts(gcfg.seed, trainer.step))  # this step's prompts, resumable
-            prompts = [c for _, c in training_captions(cfg, gcfg.prompts_per_step, step_rng.randrange(2**31),
-                                                          gcfg.prompt_kinds)]
-            if ranks.distributed:  # this process's prompts, and its own noise stream for this step
-                share = gcfg.prompts_per_step // ranks.world_size
-                prompts = prompts[ranks.rank * share:(ranks.rank + 1) * share]
+            if ranks.distributed:  # this process's own noise stream for this step
                 generator.manual_seed(seeding.grpo_noise(gcfg.seed, trainer.step, ranks.rank))
-            captions = [c for c in prompts for _ in range(group)]  # TRL's layout: each prompt G times in a row
-            text, mask = encoder(captions)  # (B, L, D), (B, L)
-            null_b, null_mask_b = null_text.expand(len(captions), -1, -1), null_mask.expand(len(captions), -1)
             policy.eval()
-            with torch.no_grad():
-                velocity = guided_prediction(policy, text, mask, null_b, null_mask_b, gcfg.cfg, grid)
-                noise = initial_noise(len(captions), cfg.vae.z_dim, h, w, generator, device)  # (B, N, C*4)
-                denoiser = Denoiser(velocity, "flow", make_process(None))
-                x0, old_log_probs, trajectory = sample_sde(denoiser, noise, sigmas, noise_level=gcfg.noise_level,
-                                                           generator=generator)  # (B, N, D), (B, T), (B, T+1, N, D)
-                images = decode_latents(vae, unpack(x0, h, w))  # (B, 3, H, W)
-                rewards, parts = reward(images, captions)  # (B,)
+            # The policy this step's rollouts come from; every rank probes (FSDP2 forwards are collective).
+            probed = {} if probe is None else probe(trainer.model)
+            rewards, groups, kept = [], 0, 0
+            for rounds in range(1, MAX_ROUNDS + 1):
+                prompts = [c for _, c in training_captions(cfg, gcfg.prompts_per_step, step_rng.randrange(2**31),
+                                                              gcfg.prompt_kinds)]
+                if ranks.distributed:
+                    share = gcfg.prompts_per_step // ranks.world_size
+                    prompts = prompts[ranks.rank * share:(ranks.rank + 1) * share]
+                batch = rollout(prompts, step_rng)
+                rewards.append(batch["rewards"])
+                groups += len(prompts)
+                kept = int(distributed.mean_across(batch["keep"].sum().float()).item() * ranks.world_size)
+                if kept:
+                    break
             policy.train()
-            all_rewards = distributed.gather_rows(rewards.to(device))  # (P * G,) over all processes
-            batch = {"text": text, "mask": mask, "null": (null_b, null_mask_b), "trajectory": trajectory,
-                     "old_log_probs": old_log_probs,
-                     "advantages": group_advantages(rewards, group, gcfg.scale_rewards).to(device),  # (B,)
-                     # The same subset of denoising steps for the whole batch.
-                     "train_steps": sorted(step_rng.sample(range(steps), n_train)),
-                     "metrics": {"reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
-                                 **{f"reward_{name}": distributed.gather_rows(value.to(device)).mean().item()
-                                    for name, value in parts.items()}}}
+            keep = batch["keep"]
+            if not keep.any():  # nothing to learn from here (or anywhere): one group at zero advantage
+                keep = torch.zeros_like(keep)
+                keep[:group] = True
+                batch["advantages"] = torch.zeros_like(batch["advantages"])
+            all_rewards = distributed.gather_rows(torch.cat(rewards).to(device))  # every round, every process
+            batch = select(batch, keep)
+            batch["metrics"] = {
+                "reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+                **{f"reward_{name}": distributed.gather_rows(value.to(device)).mean().item()
+                   for name, value in batch["parts"].items()},
+                "informative_groups": kept / group / ranks.world_size,
+                "sampling_rounds": rounds, "window_start": batch["start"], **probed}
+            # The same subset of window steps for the whole batch.
+            batch["train_steps"] = sorted(step_rng.sample(range(window), n_train))
             for _ in range(gcfg.num_iterations):
                 yield batch
 
-    def guided(model, batch):
-        return guided_prediction(model, batch["text"], batch["mask"], *batch["null"], gcfg.cfg, grid)
+    def guided(model):
+        return lambda batch: guided_prediction(model, batch["text"], batch["mask"], *batch["null"], gcfg.cfg, grid)
 
     def forward_backward(batch: dict) -> dict:
-        """The clipped surrogate plus beta * KL on each trained denoising step, gradients accumulated over them."""
+        """The clipped surrogate plus beta * KL on each trained window step, gradients accumulated over them."""
         sums: dict[str, float] = {}
-        for j in batch["train_steps"]:
-            x_j, x_next = batch["trajectory"][:, j], batch["trajectory"][:, j + 1]
-            v = guided(policy, batch)(x_j, sigmas[j])
-            log_prob, mean, std = sde_step_log_prob(v, x_j, x_next, sigmas[j], sigmas[j + 1],
-                                                    noise_level=gcfg.noise_level, sigma_max=sigma_max)
-            ref_mean = None
-            if gcfg.beta > 0:
-                with torch.no_grad():
-                    v_ref = guided(reference, batch)(x_j, sigmas[j])
-                    ref_mean = sde_mean_std(v_ref, x_j, sigmas[j], sigmas[j + 1], noise_level=gcfg.noise_level,
-                                            sigma_max=sigma_max)[0]
-            loss, stats = grpo_loss(log_prob, batch["old_log_probs"][:, j], batch["advantages"], epsilon=gcfg.epsilon,
-                                    epsilon_high=gcfg.epsilon_high, beta=gcfg.beta, mean=mean, ref_mean=ref_mean,
-                                    std=std)
+        losses = window_step_losses(
+            guided(policy)(batch), guided(reference)(batch), batch["trajectory"], batch["old_log_probs"],
+            batch["advantages"], sigmas, batch["start"], batch["train_steps"], noise_level=gcfg.noise_level,
+            epsilon=gcfg.epsilon, epsilon_high=gcfg.epsilon_high, beta=gcfg.beta)
+        for loss, stats in losses:
             (loss / n_train).backward()
             for key, value in {"loss": loss.detach(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + float(value) / n_train
+                reduce = max if key == "ratio_dev" else lambda a, b: a + b / n_train
+                sums[key] = reduce(sums.get(key, 0.0), float(value))
         sums = {k: distributed.mean_across(torch.tensor(v, device=device)).item() for k, v in sums.items()}
         return {**sums, **batch["metrics"]}
 

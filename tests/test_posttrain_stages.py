@@ -294,6 +294,8 @@ def test_grpo_reward_can_be_the_learned_model_or_a_weighted_sum(labelled_pairs, 
     root, latents = pretrained
     # A smoke model draws nothing the verifier accepts (it scores 0): a planted verifier gives its term a value.
     monkeypatch.setattr("reward.verifier.score", lambda image, caption: 0.5)
+    # One sampling round per step: near-equal rewards must not trigger a second round in one run and not the other.
+    monkeypatch.setattr(grpo, "MAX_ROUNDS", 1)
     reward.run(_cfg("reward.steps=2"), {"pairs": labelled_pairs, "vae": latents / "vae"}, tmp_path / "rm", Tracker(None))
     logged = {}
     for kind in ("reward_model", "weighted"):
