@@ -1,10 +1,12 @@
 """Measure the post-training stages: run sft -> preference -> reward -> dpo -> grpo (or the subset in the config's
 `post_training`) on an existing run's last pretrain rung, as plain functions, with config overrides.
 
-python benchmarks/posttrain.py --run runs/NAME --out posttrain/NAME [--set key=value ...]
+python benchmarks/posttrain.py --run runs/NAME --out posttrain/NAME [--init STAGE] [--set key=value ...]
 
 Prints one line per stage (seconds and its own metrics) and one per evaluation (the eval stage the pipeline runs,
-with the preset's eval settings unless overridden), so each stage's change in held-out accuracy is visible.
+with the preset's eval settings unless overridden), so each stage's change in held-out accuracy is visible: each
+evaluation is paired with the one before it (the run's own eval of the starting stage when there is no baseline),
+so the lines carry the paired gains and their 95% intervals.
 """
 
 from __future__ import annotations
@@ -42,21 +44,29 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
-    parser.add_argument("--no-baseline", action="store_true", help="skip evaluating the last rung itself")
+    parser.add_argument("--init", help="the run's stage to start from (a folder name in the run, e.g. dpo); "
+                                       "default: the last pretrain rung")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip evaluating the starting stage (its eval in the run, eval-STAGE, is paired instead)")
     args = parser.parse_args()
     run, out = Path(args.run), Path(args.out)
     cfg = load_config(args.preset, args.overrides)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    vae, last = run / "vae", run / f"pretrain-{cfg.train.rungs[-1].resolution}"
+    vae, last = run / "vae", run / (args.init or f"pretrain-{cfg.train.rungs[-1].resolution}")
+    previous = {"eval": run / f"eval-{last.name}"}  # the last evaluation, paired with the next
 
     def stage(name: str, module: str, inputs: dict) -> Path:
+        if module == "eval" and previous["eval"].exists():
+            inputs = {**inputs, "previous": previous["eval"]}
         start = time.perf_counter()
         run_without_orchestration([(name, module, inputs)], cfg, out, make_tracker=JsonlTracker)
         metrics = json.loads((out / name / "manifest.json").read_text()).get("metrics", {})
         row = {"stage": name, "seconds": round(time.perf_counter() - start, 1)}
         if module == "eval":
             row.update({key: round(metrics[f"eval/{key}"], 3) for key in REPORTED})
+            row.update({key[len("eval/"):]: round(value, 3) for key, value in metrics.items() if "/gain/" in key})
+            previous["eval"] = out / name
         else:
             row.update({key: round(value, 4) for key, value in metrics.items() if isinstance(value, (int, float))})
         print("posttrain", json.dumps(row), flush=True)

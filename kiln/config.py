@@ -214,6 +214,9 @@ class ObjectiveConfig(Strict):
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     caption_dropout: float = Field(0.1, ge=0, lt=1)
+    # Each caption token hidden from attention with this probability (kiln/flow.py drop_tokens), before caption
+    # dropout: pressure to let each word act on its own, for compositions never seen together.
+    token_dropout: float = Field(0.0, ge=0, lt=1)
     loss_buckets: int = Field(4, gt=0)
 
 
@@ -326,8 +329,10 @@ class SftConfig(Strict):
     centre_margin: float = Field(0.08, ge=0, lt=0.5)
     # Well separated: objects at least this far apart (fraction of the short side) along some axis.
     min_gap: float = Field(0.1, ge=0, lt=1)
-    # Equal numbers of single, count and relation scenes (downsampled to the rarest kind).
+    # Equal numbers of each kept kind's scenes (downsampled to the rarest kind).
     balance_kinds: bool = True
+    # The scene kinds SFT trains on: the metric it targets (count and relation scenes for counts and relations).
+    kinds: list[Literal["single", "count", "relation"]] = Field(["single", "count", "relation"], min_length=1)
 
 
 class PreferenceConfig(Strict):
@@ -343,6 +348,10 @@ class PreferenceConfig(Strict):
     image_columns: list[str] = ["jpg_0", "jpg_1"]
     label_column: str = "label_0"  # 1: image 0 preferred, 0: image 1, 0.5: tie (dropped)
     prompts: int = Field(96, gt=0)
+    # Sampled pairs: the scene kinds the prompts cycle through (the kinds with room to improve teach the most), and
+    # the smallest verifier-score gap a pair needs (0: any difference; 1/3 is one check of a single or count scene).
+    kinds: list[Literal["single", "count", "relation"]] = Field(["single", "count", "relation"], min_length=1)
+    min_score_gap: float = Field(0.0, ge=0)
     samples_per_prompt: int = Field(4, ge=2)
     steps: int = Field(20, gt=0)
     cfg: float = Field(4.0, ge=1.0)

@@ -56,6 +56,24 @@ def drop_captions(text, mask, null_text, null_mask, p: float, generator=None, ro
     return text, mask
 
 
+def drop_tokens(mask, p: float, generator=None, rows: slice | None = None, global_batch: int | None = None,
+                width: int | None = None):
+    """Hide each caption token from attention with probability p (mask (B, L) bool -> a new mask), keeping at least
+    one token per caption. A model that sometimes sees "yellow" without "circle" and "circle" without "yellow" has to
+    let each word act on its own, which is what a colour-shape pair it never saw together needs.
+    rows / global_batch: see kiln.diffusion.diffusion_loss (the draws are the global batch's); width: the longest
+    caption any process can hold (text_encoder.max_length), so every process draws the same numbers."""
+    if p <= 0:
+        return mask
+    b, length = mask.shape
+    rows, total = (rows, global_batch) if rows is not None else (slice(0, b), b)
+    draws = torch.rand(total, max(width or length, length), generator=generator, device=mask.device)
+    keep = (draws[rows, :length] >= p)  # (B, L)
+    kept = mask & keep
+    empty = ~kept.any(dim=1)  # every token drawn out: keep the caption whole
+    return torch.where(empty[:, None], mask, kept)
+
+
 def velocity_errors(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text, mask, grid) -> torch.Tensor:
     """(B,) per-sample MSE between the predicted velocity at x_t and the target noise - x0, for a given t and noise.
     x0, noise: (B, N, C*4) packed tokens; t: (B,). The objective's core, shared with Diffusion-DPO."""

@@ -57,14 +57,15 @@ def make_judge(cfg, device):
 
 @torch.no_grad()
 def sample_pairs(cfg, model, vae, resolution: int, device):
-    """Yield one record per prompt whose samples' scores differ: (kind, caption, chosen latents (C, h, w),
-    rejected latents, all K images uint8 (K, 3, H, W), all K scores (K,))."""
+    """Yield one record per prompt whose best and worst samples' scores differ by more than
+    preference.min_score_gap (and by something): (kind, caption, chosen latents (C, h, w), rejected latents, all K
+    images uint8 (K, 3, H, W), all K scores (K,))."""
     pcfg = cfg.preference
     encoder = text_encoder_for(cfg, device)
     judge = make_judge(cfg, device)
     null_text, null_mask = encoder([cfg.sampler.negative_prompt])
     generator = torch.Generator(device=device).manual_seed(pcfg.seed)
-    prompts = training_captions(cfg, pcfg.prompts, pcfg.seed)
+    prompts = training_captions(cfg, pcfg.prompts, pcfg.seed, pcfg.kinds)
     k = pcfg.samples_per_prompt
     per_batch = max(1, pcfg.batch_size // k)  # prompts per sampling batch; each prompt's K samples stay together
     for start in tqdm(range(0, len(prompts), per_batch), desc="preference", unit="batch"):
@@ -81,7 +82,8 @@ def sample_pairs(cfg, model, vae, resolution: int, device):
         pixels = pixels.view(len(chunk), k, *pixels.shape[1:]).cpu()  # (P, K, 3, H, W)
         for i, (kind, text) in enumerate(chunk):
             best, worst = int(scores[i].argmax()), int(scores[i].argmin())
-            if scores[i, best] > scores[i, worst]:
+            gap = float(scores[i, best] - scores[i, worst])
+            if gap > 0 and gap >= pcfg.min_score_gap:
                 yield kind, text, latents[i, best], latents[i, worst], pixels[i], scores[i]
 
 

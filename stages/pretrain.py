@@ -16,7 +16,7 @@ from data.buckets import buckets_for
 from data.shards import BucketBatches, read_manifest
 from kiln import distributed, seeding
 from kiln.diffusion import diffusion_loss
-from kiln.flow import drop_captions, loss_by_bucket
+from kiln.flow import drop_captions, drop_tokens, loss_by_bucket
 from kiln.models import build_backbone, count_parameters, init_adaln_zero
 from kiln.stage_io import StageResult, hash_files
 from kiln.trainer import Schedule, Trainer
@@ -92,6 +92,8 @@ class Rung:
         text = batch["text_emb"].to(device, non_blocking=True)  # (b, L, D)
         mask = batch["text_mask"].to(device, non_blocking=True)  # (b, L)
         rows = {"rows": batch["rows"], "global_batch": self.rung.batch_size} if "rows" in batch else {}
+        mask = drop_tokens(mask, self.cfg.objective.token_dropout, self.generator, **rows,
+                           width=self.cfg.text_encoder.max_length)
         text, mask = drop_captions(text, mask, self.null_text, self.null_mask,
                                    self.cfg.objective.caption_dropout, self.generator, **rows)
         with self.autocast:

@@ -36,11 +36,11 @@ def is_curated(meta: dict, centre_margin: float, min_gap: float) -> bool:
 
 
 def select(metas, scfg, seed: int) -> set[str]:
-    """Keys of the curated samples among (key, meta) pairs; kinds balanced (downsampled at random to the rarest
-    kind) when asked."""
+    """Keys of the curated samples of sft.kinds among (key, meta) pairs; kinds balanced (downsampled at random to
+    the rarest kind) when asked."""
     by_kind: dict[str, list[str]] = {}
     for key, meta in metas:
-        if is_curated(meta, scfg.centre_margin, scfg.min_gap):
+        if meta.get("kind", "?") in scfg.kinds and is_curated(meta, scfg.centre_margin, scfg.min_gap):
             by_kind.setdefault(meta.get("kind", "?"), []).append(key)
     if scfg.balance_kinds and by_kind:
         rng = random.Random(seed)

@@ -104,3 +104,21 @@ def test_adaln_zero_init_starts_at_zero_velocity_and_still_learns():
     (out - 1).square().mean().backward()
     opt.step()
     assert torch.count_nonzero(predict(model, x, torch.tensor([0.3, 0.8]), text, mask, (4, 4))) > 0
+
+
+def test_drop_tokens_hides_tokens_and_never_a_whole_caption():
+    from kiln.flow import drop_tokens
+
+    mask = torch.tensor([[True] * 6 + [False] * 2, [True] + [False] * 7] * 64)  # (128, 8): 6 tokens, and 1
+    assert torch.equal(drop_tokens(mask, 0.0), mask)
+    out = drop_tokens(mask, 0.3, torch.Generator().manual_seed(0))
+    assert not (out & ~mask).any()  # padding stays hidden
+    assert out.any(dim=1).all()  # every caption keeps a token
+    assert torch.equal(out[1::2], mask[1::2])  # a one-token caption is kept whole
+    hidden = (mask[0::2] & ~out[0::2]).float().mean().item() * 8 / 6
+    assert 0.2 < hidden < 0.4, hidden
+    # Rows of a global batch draw what the whole batch draws, whatever the local caption length.
+    whole = drop_tokens(mask, 0.3, torch.Generator().manual_seed(1), width=12)
+    half = drop_tokens(mask[64:, :6], 0.3, torch.Generator().manual_seed(1), rows=slice(64, 128), global_batch=128,
+                       width=12)
+    assert torch.equal(half, whole[64:, :6])

@@ -60,6 +60,8 @@ def test_curation_keeps_clean_centred_separated_scenes():
     assert sft.select(metas, loose, seed=0) == {"centred", "apart", "centred-2"}
     balanced = sft.select(metas, SftConfig(centre_margin=0.08, min_gap=0.1), seed=0)
     assert len(balanced) == 2 and "apart" in balanced  # one single, one relation
+    relations_only = SftConfig(centre_margin=0.08, min_gap=0.1, balance_kinds=False, kinds=["relation"])
+    assert sft.select(metas, relations_only, seed=0) == {"apart"}
 
 
 def test_sft_trains_on_the_curated_subset(pretrained, tmp_path):
