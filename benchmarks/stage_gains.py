@@ -2,6 +2,8 @@
 the same numbers for runs made since it takes the previous evaluation; this reads older runs too).
 
     python benchmarks/stage_gains.py runs/NAME
+    python benchmarks/stage_gains.py --pair BEFORE_EVAL AFTER_EVAL   # two eval folders of one eval config, e.g. a
+                                                                     # run's rung and an ablation's (A/B of a setting)
 
 Per stage and held-out metric: the mean per-prompt gain and its 95% paired bootstrap interval (same prompts and noise
 for both stages; stages/eval.py paired_gains)."""
@@ -19,8 +21,19 @@ from stages.registry import pipeline_plan
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path)
+    parser.add_argument("run", type=Path, nargs="?")
+    parser.add_argument("--pair", type=Path, nargs=2, metavar=("BEFORE_EVAL", "AFTER_EVAL"))
+    parser.add_argument("--images-per-prompt", type=int, default=2, help="for --pair: the eval's images_per_prompt")
     args = parser.parse_args()
+    if args.pair:
+        before, after = (json.loads((d / "samples" / "verifier.json").read_text())["rows"] for d in args.pair)
+        if [r["caption"] for r in before] != [r["caption"] for r in after]:
+            raise SystemExit("stage_gains: the two evaluations did not draw the same prompts (different eval config)")
+        gains = paired_gains(before, after, args.images_per_prompt)
+        for key in (f"eval/gain/{split}/{kind}/{check}" for split, kind, check in GAIN_METRICS):
+            print(f"{key.removeprefix('eval/gain/')}: {gains[key]:+.3f} [{gains[key + '_low']:+.3f}, "
+                  f"{gains[key + '_high']:+.3f}]")
+        return
     first = next(args.run.glob("eval-*/manifest.json"))
     cfg = config_from_dict(json.loads(first.read_text())["config"])
     evals = [stage.name for stage in pipeline_plan(cfg) if stage.kind == "eval"]

@@ -514,7 +514,9 @@ class KilnConfig(Strict):
         needs_flow = [stage for stage in ("preference", "dpo", "grpo") if stage in post]
         if needs_flow and self.objective.kind != "flow":
             raise ValueError(f"post_training {needs_flow} need objective.kind flow (got {self.objective.kind!r})")
-        if self.grpo.reward != "verifier" and "reward" not in post and not self.grpo.reward_model:
+        uses_model = self.grpo.reward == "reward_model" or (
+            self.grpo.reward == "weighted" and self.grpo.reward_weights.get("reward_model", 0) != 0)
+        if "grpo" in post and uses_model and "reward" not in post and not self.grpo.reward_model:
             raise ValueError(f"grpo.reward {self.grpo.reward!r} needs the reward stage or grpo.reward_model")
         return self
 

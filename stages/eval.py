@@ -30,8 +30,11 @@ from stages.sampling import generate_for_captions, load_stage
 
 CHECKS = ("colour", "shape", "count", "relation")
 # What a stage's gain over the previous evaluated stage is measured on: held-out compositions, per kind's own check.
-GAIN_METRICS = (("heldout", "single", "colour_shape"), ("heldout", "count", "count"), ("heldout", "relation", "relation"),
-                ("heldout", "all", "score"))
+# Paired gains over the previous evaluation: held-out compositions (generalisation), and training compositions on
+# prompts and noise no stage trained on (what post-training optimises: its prompts are training compositions).
+GAIN_METRICS = tuple((split, kind, check) for split in ("heldout", "train")
+                     for kind, check in (("single", "colour_shape"), ("count", "count"), ("relation", "relation"),
+                                         ("all", "score")))
 REAL_PER_PROMPT = 4  # real renders per evaluated prompt for the Frechet distance's reference set
 
 

@@ -162,16 +162,15 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
             policy.eval()
             # The policy this step's rollouts come from; every rank probes (FSDP2 forwards are collective).
             probed = {} if probe is None else probe(trainer.model)
-            rewards, groups, kept = [], 0, 0
+            rewards, kinds, kept = [], [], 0
             for rounds in range(1, MAX_ROUNDS + 1):
-                prompts = [c for _, c in training_captions(cfg, gcfg.prompts_per_step, step_rng.randrange(2**31),
-                                                              gcfg.prompt_kinds)]
+                drawn = training_captions(cfg, gcfg.prompts_per_step, step_rng.randrange(2**31), gcfg.prompt_kinds)
                 if ranks.distributed:
                     share = gcfg.prompts_per_step // ranks.world_size
-                    prompts = prompts[ranks.rank * share:(ranks.rank + 1) * share]
-                batch = rollout(prompts, step_rng)
+                    drawn = drawn[ranks.rank * share:(ranks.rank + 1) * share]
+                batch = rollout([c for _, c in drawn], step_rng)
                 rewards.append(batch["rewards"])
-                groups += len(prompts)
+                kinds += [KINDS.index(kind) for kind, _ in drawn for _ in range(group)]
                 kept = int(distributed.mean_across(batch["keep"].sum().float()).item() * ranks.world_size)
                 if kept:
                     break
@@ -182,12 +181,15 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                 keep[:group] = True
                 batch["advantages"] = torch.zeros_like(batch["advantages"])
             all_rewards = distributed.gather_rows(torch.cat(rewards).to(device))  # every round, every process
+            all_kinds = distributed.gather_rows(torch.tensor(kinds, device=device))
             batch = select(batch, keep)
             batch["metrics"] = {
                 "reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
                 **{f"reward_{name}": distributed.gather_rows(value.to(device)).mean().item()
                    for name, value in batch["parts"].items()},
-                "informative_groups": kept / group / ranks.world_size,
+                **{f"reward_{kind}": all_rewards[all_kinds == i].mean().item() for i, kind in enumerate(KINDS)
+                   if (all_kinds == i).any()},
+                "informative_groups": kept / group / gcfg.prompts_per_step,  # of the last round's groups
                 "sampling_rounds": rounds, "window_start": batch["start"], **probed}
             # The same subset of window steps for the whole batch.
             batch["train_steps"] = sorted(step_rng.sample(range(window), n_train))

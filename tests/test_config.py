@@ -111,7 +111,8 @@ def test_post_training_options_keep_trl_vocabulary():
     assert shared == set(GrpoConfig.model_fields) & trl_grpo
     assert set(GrpoConfig.model_fields) - shared == {  # diffusion-specific, no TRL counterpart
         "reward", "reward_model", "prompts_per_step", "num_inference_steps", "noise_level", "cfg",
-        "timestep_fraction", "prompt_kinds"}
+        "timestep_fraction", "prompt_kinds", "sde_window", "sde_window_starts", "shared_initial_noise",
+        "heldout_prompts"}
 
 
 @pytest.mark.parametrize(
@@ -159,3 +160,13 @@ def test_a_patch_size_the_config_accepts_trains_in_a_forward_pass():
     assert per_sample.shape == (2,) and torch.isfinite(loss)
     loss.backward()
     assert model.pos_embed.proj.kernel_size == (4, 4) and model.pos_embed.proj.weight.grad is not None
+
+
+def test_grpo_window_must_fit_the_sampling_steps():
+    with pytest.raises(ConfigError, match=r"the SDE window \(sde_window 3, starting as late as step 8\) runs past "
+                                          r"num_inference_steps 10"):
+        load_config("tiny", ["grpo.sde_window=3", "grpo.sde_window_starts=9"])
+    # The verifier-based rewards need no reward stage; the learned one does.
+    load_config("tiny", ["post_training=[grpo]", "grpo.reward=verifier_dense"])
+    with pytest.raises(ConfigError, match="grpo.reward 'reward_model' needs the reward stage or grpo.reward_model"):
+        load_config("tiny", ["post_training=[grpo]", "grpo.reward=reward_model"])

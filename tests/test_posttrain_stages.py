@@ -247,7 +247,8 @@ def test_preference_stages_resume_to_identical_weights(stage, labelled_pairs, pr
     if stage == "dpo":
         assert {"train/loss", "train/rewards/accuracies", "train/rewards/margins"} <= logged
     else:
-        assert {"train/reward", "train/kl", "train/clipfrac", "train/reward_verifier"} <= logged
+        assert {"train/reward", "train/kl", "train/clipfrac", "train/reward_verifier", "train/ratio_dev",
+                "train/informative_groups", "train/heldout_correct", "train/heldout_score"} <= logged
 
     _crash_at(monkeypatch, 3 if stage == "dpo" else 2)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -458,3 +459,33 @@ def test_grpo_on_two_fsdp_processes_resumes_exactly_and_in_one_process(labelled_
     a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-2" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "checkpoints" / "step-2" / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_sampled_pairs_take_the_configured_kinds_and_score_gap(pretrained, monkeypatch):
+    """preference.kinds picks the prompts' scene kinds; a prompt gives a pair only when its best and worst samples'
+    scores differ by at least preference.min_score_gap (a planted judge: prompt i's samples score 0 and i/8)."""
+    from kiln.vae import vae_for
+    from stages.sampling import load_stage
+
+    root, latents = pretrained
+    cfg = _cfg("preference.prompts=8", "preference.kinds=[count]", "preference.min_score_gap=0.5")
+    k = cfg.preference.samples_per_prompt
+    judged = []
+
+    def planted_judge(cfg, device):
+        def judge(images, captions):
+            scores = []
+            for i in range(len(captions) // k):
+                gap = (len(judged) + i) / 8
+                scores += [0.0, gap] + [0.0] * (k - 2)
+            judged.extend(captions[::k])
+            return scores
+        return judge
+
+    monkeypatch.setattr(preference, "make_judge", planted_judge)
+    _, model, vae_dir, meta = load_stage(root / "pretrain", "cpu")
+    records = list(preference.sample_pairs(cfg, model, vae_for(cfg, latents / "vae", "cpu"), meta["resolution"], "cpu"))
+    assert len(judged) == 8
+    assert [r[0] for r in records] == ["count"] * 4  # prompts 4..7: gaps 0.5, 0.625, 0.75, 0.875
+    assert [r[1] for r in records] == judged[4:]
+    assert [float(r[5].max() - r[5].min()) for r in records] == [0.5, 0.625, 0.75, 0.875]

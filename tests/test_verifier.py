@@ -142,3 +142,21 @@ def test_robust_to_blur_and_noise(size, blur_radius):
     verdicts = [verify(_degrade(image, blur_radius, 8.0, noise_rng), spec) for spec, image, _ in scenes]
     assert np.mean([v.correct for v in verdicts]) >= 0.9
     assert np.mean([sum(v.checks()) / len(v.checks()) for v in verdicts]) >= 0.95
+
+
+def test_partial_score_gives_near_misses_partial_credit():
+    import random
+
+    from data.synthetic import parse_caption, render
+    from reward.verifier import partial_score, score
+
+    image, _ = render(parse_caption("three red squares"), 128, 128, random.Random(0))
+    assert partial_score(image, "three red squares") == score(image, "three red squares") == 1.0
+    # Colour and shape right; count off by one: 1 - 1/2 for two, 1 - 1/4 for four; the 0/1 count check gives 0.
+    assert partial_score(image, "two red squares") == pytest.approx((1 + 1 + 0.5) / 3)
+    assert partial_score(image, "four red squares") == pytest.approx((1 + 1 + 0.75) / 3)
+    assert score(image, "two red squares") == score(image, "four red squares") == pytest.approx(2 / 3)
+    assert partial_score(image, "three blue circles") == 0.0  # nothing described is there, and 3 objects too many
+    # A relation with both objects found on the wrong side: half credit for the relation check.
+    pair, _ = render(parse_caption("a red circle left of a blue square"), 128, 128, random.Random(1))
+    assert partial_score(pair, "a red circle right of a blue square") == pytest.approx((1 + 1 + 1 + 0.5) / 4)
