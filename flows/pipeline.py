@@ -218,6 +218,8 @@ GAIN_COLUMNS = {
     "gain heldout count": "eval/gain/heldout/count/count",
     "gain heldout relation": "eval/gain/heldout/relation/relation",
     "gain heldout reward": "eval/gain/heldout/all/score",
+    "gain train count": "eval/gain/train/count/count",
+    "gain train reward": "eval/gain/train/all/score",
 }
 
 
