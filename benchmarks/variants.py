@@ -147,9 +147,10 @@ def main() -> None:
         print(line, flush=True)
         return line
 
-    jobs = ([SHARED_ROOT] if any(JOBS[n][0] == "system" for n in names) else []) + names
-    with ThreadPoolExecutor(max(args.parallel, 1) + 1) as pool:
-        list(pool.map(launch, jobs))
+    shared = [SHARED_ROOT] if any(JOBS[n][0] == "system" for n in names) else []
+    # The shared job's worker is extra: system jobs only wait while it runs, so --parallel jobs compute at once.
+    with ThreadPoolExecutor(max(args.parallel, 1) + len(shared)) as pool:
+        list(pool.map(launch, shared + names))
     rows = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()] \
         if (out / "summary.jsonl").exists() else []
     columns = ["job", "stage", "sampling_steps", "vae_psnr", "final_loss", "train_s", *REPORTED]
