@@ -124,6 +124,15 @@ def average_gradients(model: torch.nn.Module) -> None:
             param.grad /= world
 
 
+def max_across(value: torch.Tensor) -> torch.Tensor:
+    """The largest of a per-process value over all processes (a worst case every rank must see, e.g. for logging)."""
+    if not ranks().distributed:
+        return value.detach()
+    value = value.detach().clone().float()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def mean_across(value: torch.Tensor) -> torch.Tensor:
     """The mean of a per-process value over all processes (for logging and for decisions all ranks must share)."""
     if not ranks().distributed:

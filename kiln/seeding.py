@@ -29,6 +29,11 @@ def grpo_noise(seed: int, step: int, rank: int) -> int:
     return seed * 1000003 + step * 1009 + rank
 
 
+def grpo_probe(seed: int) -> int:
+    """GRPO's held-out probe: the phrasing of its prompts and its sampling noise, fixed for the whole stage."""
+    return seed * 1000003 - 1
+
+
 def shard_shuffle(seed: int, epoch: int) -> int:
     """The order of shards, and of samples within each, in `epoch` of a BucketBatches loader."""
     return seed * 1000003 + epoch

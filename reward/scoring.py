@@ -46,10 +46,11 @@ def make_scorer(cfg, weights: dict[str, float], reward_model: Path | str | None,
         parts = {}
         from reward.verifier import partial_score, score as verify
 
-        for name, check in (("verifier", verify), ("verifier_dense", partial_score)):
-            if name in weights:
-                pil = to_pil(images) if isinstance(images, torch.Tensor) else images
-                parts[name] = torch.tensor([check(image, text) for image, text in zip(pil, captions)])
+        checks = [(name, check) for name, check in (("verifier", verify), ("verifier_dense", partial_score))
+                  if name in weights]
+        pil = to_pil(images) if checks and isinstance(images, torch.Tensor) else images
+        for name, check in checks:
+            parts[name] = torch.tensor([check(image, text) for image, text in zip(pil, captions)])
         if model is not None:
             parts["reward_model"] = reward_scores(cfg, model, images, captions, device).float().cpu()
         total = sum(weights[name] * value for name, value in parts.items())

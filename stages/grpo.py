@@ -72,12 +72,12 @@ def heldout_probe(cfg, encoder, vae, null, resolution: int, device):
     gcfg, ecfg = cfg.grpo, cfg.eval
     kinds = [k for k in KINDS if k in gcfg.prompt_kinds]
     per_kind = -(-gcfg.heldout_prompts // len(kinds))
-    rng = random.Random(seeding.eval_baseline(gcfg.seed))
+    seed = seeding.grpo_probe(gcfg.seed)
+    rng = random.Random(seed)
     specs = [s for s in eval_prompts(make_holdout(cfg.data.holdout_seed), "heldout", per_kind, gcfg.seed)
              if s.kind in kinds][:gcfg.heldout_prompts]
     captions = [caption(spec, rng) for spec in specs]
     text, mask = encoder(captions)
-    seed = seeding.grpo_noise(gcfg.seed, -1, 0)
 
     @torch.no_grad()
     def probe(policy) -> dict[str, float]:
@@ -211,7 +211,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
             for key, value in {"loss": loss.detach(), **stats}.items():
                 reduce = max if key == "ratio_dev" else lambda a, b: a + b / n_train
                 sums[key] = reduce(sums.get(key, 0.0), float(value))
-        sums = {k: distributed.mean_across(torch.tensor(v, device=device)).item() for k, v in sums.items()}
+        sums = {k: (distributed.max_across if k == "ratio_dev" else distributed.mean_across)(
+            torch.tensor(v, device=device)).item() for k, v in sums.items()}
         return {**sums, **batch["metrics"]}
 
     trainer.fit(forward_backward, sampled_batches)

@@ -57,7 +57,7 @@ def make_judge(cfg, device):
 
 @torch.no_grad()
 def sample_pairs(cfg, model, vae, resolution: int, device):
-    """Yield one record per prompt whose best and worst samples' scores differ by more than
+    """Yield one record per prompt whose best and worst samples' scores differ by at least
     preference.min_score_gap (and by something): (kind, caption, chosen latents (C, h, w), rejected latents, all K
     images uint8 (K, 3, H, W), all K scores (K,))."""
     pcfg = cfg.preference

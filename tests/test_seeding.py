@@ -11,6 +11,7 @@ def test_streams_give_the_integers_runs_were_trained_with():
     assert seeding.shard_shuffle(5, 4) == 5 * 1000003 + 4
     assert seeding.synthetic_scene(0, 64, 12) == "0:64:12"
     assert seeding.eval_batch(7, 16) == 23 and seeding.eval_baseline(7) == 8
+    assert seeding.grpo_probe(2) == 2 * 1000003 - 1
 
 
 def test_streams_of_one_run_do_not_collide():
