@@ -137,7 +137,7 @@ def main() -> None:
         latents_dir = build_dataset(cfg, Path(tmp))
 
         stage = pretrain.Rung(cfg, rung, rung_index, latents_dir,
-                              Path(tmp) / "stage", Tracker(None), "bench")
+                              Path(tmp) / "stage", Tracker(None), "bench", f"pretrain-{rung.resolution}", None)
         # The bare loop gets a copy of the same initial model and the stage's own first batches, preloaded.
         model = copy.deepcopy(stage.trainer.model)
         loader = BucketBatches(latents_dir / "shards", rung.batch_size, seed=cfg.seed, buckets=stage.buckets)

@@ -180,6 +180,11 @@ class ModelConfig(Strict):
     # resnets' skip path carries the mean from input to output.
     unet_output_norm: bool = True
     gradient_checkpointing: bool = False
+    # Released weights the first generator stage starts from instead of a random init: a local diffusers folder
+    # (`kiln export` output, or a download) or a hub id (fetched only because it is named here), and the subfolder
+    # holding the transformer. Names and shapes must be exactly this config's model (checked before compute).
+    pretrained: str | None = None
+    pretrained_subfolder: str = "transformer"
 
     @model_validator(mode="after")
     def _rope_fits_head(self) -> "ModelConfig":
@@ -450,6 +455,21 @@ class GrpoConfig(Strict):
         return self
 
 
+class LoraSettings(Strict):
+    """LoRA adapters (PEFT) for the generator stages named in `stages` (pretrain-<resolution>, sft, dpo, grpo): such
+    a stage freezes the weights it starts from and trains rank-`rank` adapters, scaled by alpha / rank, on the Linear
+    layers whose names end with a `target_modules` entry (kiln/adapters.py). Its checkpoints hold the adapter only."""
+
+    stages: list[str] = []
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Qwen-Image's attention projections, image and text streams (diffusers' Qwen-Image LoRA example trains the
+    # first four).
+    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                       "to_add_out"], min_length=1)
+
+
 class KilnConfig(Strict):
     name: str = "tiny"
     seed: int = 0
@@ -478,6 +498,15 @@ class KilnConfig(Strict):
     dpo: DpoConfig = DpoConfig()
     grpo: GrpoConfig = GrpoConfig()
     distributed: DistributedConfig = DistributedConfig()
+    lora: LoraSettings = LoraSettings()
+
+    def generator_stages(self) -> list[str]:
+        """The names of the stages that train the generator, in pipeline order."""
+        return [f"pretrain-{r.resolution}" for r in self.train.rungs] + [
+            s for s in ("sft", "dpo", "grpo") if s in self.post_training]
+
+    def uses_lora(self, stage: str) -> bool:
+        return stage in self.lora.stages
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> "KilnConfig":
@@ -518,6 +547,18 @@ class KilnConfig(Strict):
             self.grpo.reward == "weighted" and self.grpo.reward_weights.get("reward_model", 0) != 0)
         if "grpo" in post and uses_model and "reward" not in post and not self.grpo.reward_model:
             raise ValueError(f"grpo.reward {self.grpo.reward!r} needs the reward stage or grpo.reward_model")
+        unknown = [s for s in self.lora.stages if s not in self.generator_stages()]
+        if unknown:
+            raise ValueError(f"lora.stages: {unknown} are not generator stages of this pipeline (its generator stages: "
+                             f"{self.generator_stages()})")
+        if self.lora.stages and self.distributed.world_size > 1 and self.distributed.strategy == "fsdp":
+            raise ValueError("lora.stages with distributed.strategy fsdp is not supported yet: use strategy ddp (the "
+                             "adapter is small; the frozen base is replicated)")
+        if self.lora.stages:
+            from kiln.adapters import check_lora
+            from kiln.models import build_backbone
+
+            check_lora(build_backbone(self.model, self.vae.z_dim, self.text_encoder.dim, device="meta"), self.lora)
         return self
 
     def digest(self, section: str | None = None) -> str:

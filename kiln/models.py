@@ -88,7 +88,10 @@ def _groups(channels: list[int]) -> int:
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    """The backbone behind a DDP wrapper or a LoRA policy's reference view (kiln.adapters.BaseModel)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    return model.policy[0] if hasattr(model, "policy") else model
 
 
 def predict(model, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, grid) -> torch.Tensor:

@@ -10,6 +10,11 @@ and retention, SIGTERM (checkpoint, then `Preempted`) agreed across ranks, the p
 to the tracker, optional sample grids, and the final checkpoint. The cadence (how often to log, checkpoint, sample)
 comes from the config's `cadence` section, which no cache key reads.
 
+LoRA plugs in here once too (`lora`, kiln/adapters.py): the trainer loads the stage's base weights, freezes them,
+adds the adapter, and from then on the optimizer, the EMA and every checkpoint hold the adapter only; meta.json
+records the base, so kiln.weights.load_generator rebuilds the full weights. Without `lora`, `start(init)` loads
+full weights from the previous stage or from released ones (model.pretrained).
+
 Data parallelism plugs in here once: "ddp" replicates the model (a DDP wrapper for stages with one backward per
 step; gradients averaged by hand before the step for stages that accumulate several backwards), "fsdp" shards model
 and EMA with FSDP2. Checkpoints are whole files from rank 0 or sharded (kiln/checkpoint.py), loadable under any
@@ -18,6 +23,7 @@ number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -30,7 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kiln import distributed
-from kiln.checkpoint import latest_checkpoint, load_training_state, load_weights, resolve_checkpoint, save_training_state
+from kiln.adapters import AdapterEMA, AdapterWeights, attach_lora
+from kiln.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from kiln.weights import base_record, load_generator
 from kiln.preemption import Preempted, Preemption
 
 
@@ -73,7 +81,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas=(0.9, 0.999), weigh
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+def ema_update(ema, model, decay: float) -> None:
+    """ema, model: modules (or adapter views) whose parameters() pair up in order."""
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
@@ -99,13 +108,15 @@ class Trainer:
     no clipping) set the optimizer; `ema_decay` (None: no EMA) keeps an EMA copy; `state`: named objects to save
     and restore exactly (torch.Generator, random.Random, or anything with state_dict/load_state_dict, such as a
     data position); `meta`: written into each checkpoint's meta.json. `one_backward`: the stage calls backward
-    once per step (DDP can overlap its all-reduce with it); False when it accumulates several."""
+    once per step (DDP can overlap its all-reduce with it); False when it accumulates several. `lora` (settings) and
+    `base` (a folder and "ema"/"model"): train a LoRA adapter over those weights instead of the whole model."""
 
     def __init__(self, name: str, model: torch.nn.Module, cfg, *, steps: int, lr: float, schedule: Schedule,
                  out_dir: Path, tracker, device: torch.device, betas=(0.9, 0.999), weight_decay: float = 0.0,
                  grad_clip: float | None = 1.0, ema_decay: float | None = None, state: dict | None = None,
                  meta: dict | None = None, one_backward: bool = True, log_prefix: str = "train",
-                 log_every: int | None = None, postfix: tuple[str, ...] = ("loss",)):
+                 log_every: int | None = None, postfix: tuple[str, ...] = ("loss",), lora=None,
+                 base: tuple[Path, str] | None = None):
         self.name, self.cfg, self.steps, self.peak_lr, self.schedule = name, cfg, steps, lr, schedule
         self.out_dir, self.tracker, self.grad_clip, self.ema_decay = Path(out_dir), tracker, grad_clip, ema_decay
         self.state, self.meta = dict(state or {}), dict(meta or {})
@@ -113,8 +124,25 @@ class Trainer:
         self.log_every = log_every or cfg.cadence.log_every
         self.ranks = distributed.ranks()
         self.device = device
+        self.lora = lora
+        if lora is not None:
+            if base is None:
+                raise ValueError(f"{name}: a LoRA stage needs base weights (the previous stage or model.pretrained)")
+            load_generator(base[0], model, base[1])
+            with torch.random.fork_rng(devices=[]):  # A's init from the run's seed, whatever ran before
+                torch.manual_seed(cfg.seed)
+                attach_lora(model, lora)
+            self.meta.update(kind="lora", lora=lora.model_dump(mode="json"),
+                             base=base_record(self.out_dir / "checkpoints", *base))
         self.model = model.to(device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if ema_decay is not None else None
+        # What checkpoints and the EMA hold: the whole model, or only its adapter.
+        self.weights = AdapterWeights(self.model) if lora is not None else self.model
+        if ema_decay is None:
+            self.ema = None
+        elif lora is not None:
+            self.ema = AdapterEMA(self.model)
+        else:
+            self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         strategy = cfg.distributed.strategy
         self.sharded = self.ranks.distributed and strategy == "fsdp"
         if self.sharded and self.ema is not None:  # EMA sharded like the model, so the lerp is shard against shard
@@ -133,21 +161,21 @@ class Trainer:
     # --- start: resume, or initial weights ---------------------------------------------------------------------
     def start(self, init: Path | None = None) -> None:
         """Resume from out_dir's latest checkpoint if there is one, else load `init` (a stage output or checkpoint
-        folder: its model weights, and its EMA into this EMA) when given."""
+        folder: its model weights, and its EMA into this EMA; or a diffusers weights folder) when given. A LoRA
+        trainer's starting point is its base, loaded at construction: it takes no init."""
         ckpt = latest_checkpoint(self.out_dir / "checkpoints")
         if ckpt is not None:
-            saved = load_training_state(ckpt, self.model, self.ema, self.optimizer, self.param_names, self.sharded)
+            saved = load_training_state(ckpt, self.weights, self.ema, self.optimizer, self.param_names, self.sharded)
             self.step = int(saved["step"])
             for key, obj in self.state.items():
                 _set_state(obj, saved["state"][key])
             torch.set_rng_state(saved["torch_rng"])
             if self.ranks.is_main:
                 tqdm.write(f"{self.name}: resuming from {ckpt} at step {self.step}")
-        elif init is not None:
-            source = resolve_checkpoint(init)
-            load_weights(source, self.model, "model")
+        elif init is not None and self.lora is None:
+            load_generator(Path(init), self.model, "model")
             if self.ema is not None:
-                load_weights(source, self.ema, "ema")
+                load_generator(Path(init), self.ema, "ema")
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def save(self, final: bool = False, keep: int | None = None) -> Path:
@@ -156,7 +184,7 @@ class Trainer:
         state = {"step": self.step, "state": {key: _get_state(obj) for key, obj in self.state.items()},
                  "torch_rng": torch.get_rng_state()}
         keep = self.cfg.cadence.keep_checkpoints if keep is None else keep
-        return save_training_state(self.out_dir / "checkpoints", self.step, self.model, self.ema, self.optimizer,
+        return save_training_state(self.out_dir / "checkpoints", self.step, self.weights, self.ema, self.optimizer,
                                    state, self.meta, keep, self.sharded, final)
 
     def whole(self, module: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
@@ -172,6 +200,16 @@ class Trainer:
         whole = build()
         whole.load_state_dict(state)
         return whole.to(self.device).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def ema_model(self, build: Callable[[], torch.nn.Module]):
+        """The EMA weights as a whole model on rank 0 (None on other ranks), for sampling during training. Collective
+        under FSDP2 (see whole); a LoRA trainer swaps the EMA adapter in for the duration."""
+        if self.lora is not None:
+            with self.ema.swapped_in() as model:
+                yield model if self.ranks.is_main else None
+        else:
+            yield self.whole(self.ema, build)
 
     # --- one optimizer step --------------------------------------------------------------------------------------
     def train_step(self, forward_backward: Callable[[object], dict], batch) -> dict:
@@ -195,7 +233,7 @@ class Trainer:
             group["lr"] = self.last_lr
         self.optimizer.step()
         if self.ema is not None:
-            ema_update(self.ema, self.model, self.ema_decay)
+            ema_update(self.ema, self.weights, self.ema_decay)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         out = {**metrics, "loss": loss}

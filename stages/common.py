@@ -25,6 +25,18 @@ def training_device(cfg) -> torch.device:
     return distributed.device_for(pick_device(cfg.device), distributed.ranks())
 
 
+def starting_weights(cfg, inputs: dict) -> Path | None:
+    """What a generator stage starts from: the previous generator stage's output, else the released weights
+    model.pretrained names, else nothing (a random init)."""
+    if inputs.get("init"):
+        return Path(inputs["init"])
+    if cfg.model.pretrained:
+        from kiln.weights import pretrained_folder
+
+        return pretrained_folder(cfg.model)
+    return None
+
+
 def save_uncond(path: Path, emb: torch.Tensor, mask: torch.Tensor) -> None:
     """The negative/empty prompt's embedding (L, D) and mask (L,), used for caption dropout and CFG."""
     save_file({"text_emb": emb.contiguous().float(), "text_mask": mask.to(torch.uint8).contiguous()}, str(path))

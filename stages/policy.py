@@ -1,5 +1,6 @@
 """What the preference-optimisation stages (DPO, GRPO) share: a trainable policy started from a stage's weights and a
-frozen copy of it as the reference model, trained by kiln/trainer.py.
+frozen copy of it as the reference model, trained by kiln/trainer.py. A stage in lora.stages trains an adapter over
+those weights, and its reference is the policy with the adapter switched off (no second copy of the weights).
 
 Under torchrun each process holds the policy whole and the trainer averages gradients once per optimizer step
 ("ddp"), or policy and reference are sharded with FSDP2 ("fsdp")."""
@@ -12,8 +13,9 @@ from pathlib import Path
 import torch
 
 from kiln import distributed
-from kiln.checkpoint import load_weights, resolve_checkpoint
+from kiln.adapters import BaseModel
 from kiln.models import build_backbone
+from kiln.weights import load_generator
 from kiln.trainer import Schedule, Trainer
 from stages.common import training_device
 
@@ -28,16 +30,20 @@ def policy_trainer(cfg, name: str, init_dir: Path, out_dir: Path, tracker, *, st
     """(trainer of the policy, frozen reference): both start from init_dir's weights (its EMA where it has one).
     The trainer resumes from out_dir's latest checkpoint when start() is called; the reference stays the init."""
     device = training_device(cfg)
-    ckpt = resolve_checkpoint(init_dir)
     model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
-    load_weights(ckpt, model, "ema" if (ckpt / "ema.safetensors").exists() else "model")
-    model.to(device).train()
-    reference = copy.deepcopy(model).requires_grad_(False).eval()
+    lora = cfg.lora if cfg.uses_lora(name) else None
+    if lora is None:
+        load_generator(init_dir, model, "ema")  # its EMA where it has one
+        reference = copy.deepcopy(model).to(device).requires_grad_(False).eval()
     trainer = Trainer(name, model, cfg, steps=steps, lr=learning_rate,
                       schedule=Schedule(warmup=max(1, warmup_steps), decay="constant"), out_dir=out_dir,
                       tracker=tracker, device=device, betas=POLICY_BETAS, weight_decay=POLICY_WEIGHT_DECAY,
                       grad_clip=max_grad_norm, state=state, one_backward=False, log_every=log_every,
-                      postfix=postfix, meta={"kind": "transformer", "latent_channels": cfg.vae.z_dim})
+                      postfix=postfix, meta={"kind": "transformer", "latent_channels": cfg.vae.z_dim},
+                      lora=lora, base=(Path(init_dir), "ema") if lora is not None else None)
+    trainer.model.train()
+    if lora is not None:
+        reference = BaseModel(trainer.model)
     if trainer.sharded:
         distributed.shard(reference)
     return trainer, reference

@@ -20,7 +20,7 @@ from kiln.flow import drop_captions, drop_tokens, loss_by_bucket
 from kiln.models import build_backbone, count_parameters, init_adaln_zero
 from kiln.stage_io import StageResult, hash_files
 from kiln.trainer import Schedule, Trainer
-from stages.common import load_uncond, training_device
+from stages.common import load_uncond, starting_weights, training_device
 
 
 class DataPosition:
@@ -44,9 +44,12 @@ class Rung:
     Under torchrun every process builds the same model; the trainer replicates (DDP) or shards it (FSDP2), and each
     process takes its rows of every global batch, with t, noise and caption dropout drawn for the global batch."""
 
-    def __init__(self, cfg, rung, seed_index: int, latents_dir: Path, out_dir: Path, tracker, label: str):
+    def __init__(self, cfg, rung, seed_index: int, latents_dir: Path, out_dir: Path, tracker, label: str,
+                 stage: str, init: Path | None):
         # seed_index: the rung's place in the ladder (SFT: one past it) -> its own init and noise streams.
-        self.cfg, self.rung, self.latents_dir = cfg, rung, Path(latents_dir)
+        # init: the weights it starts from (the previous stage's, or model.pretrained; None: from scratch); a stage
+        # in lora.stages trains an adapter over them.
+        self.cfg, self.rung, self.latents_dir, self.init = cfg, rung, Path(latents_dir), init
         device = training_device(cfg)
         torch.manual_seed(seeding.rung(cfg.seed, seed_index))  # model init is part of the run's determinism
         manifest = read_manifest(self.latents_dir / "shards")
@@ -59,7 +62,11 @@ class Rung:
                              f"(has {sorted(manifest['buckets'])})")
         # From-scratch init; a resumed or continued rung then loads its weights over it.
         model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
-        model = init_adaln_zero(model) if cfg.train.init == "adaln_zero" else model
+        model = init_adaln_zero(model) if cfg.train.init == "adaln_zero" and init is None else model
+        lora = cfg.lora if cfg.uses_lora(stage) else None
+        if lora is not None and init is None:
+            raise ValueError(f"{stage}: a LoRA stage needs weights to start from: a stage before it, or "
+                             f"model.pretrained")
         optim = cfg.train.optim
         self.position = DataPosition()
         self.generator = torch.Generator(device=device).manual_seed(seeding.rung(cfg.seed, seed_index))
@@ -69,7 +76,8 @@ class Rung:
             out_dir=out_dir, tracker=tracker, device=device, betas=optim.betas, weight_decay=optim.weight_decay,
             grad_clip=optim.grad_clip, ema_decay=optim.ema_decay,
             state={"generator": self.generator, "position": self.position},
-            meta={"kind": "transformer", "resolution": rung.resolution, "latent_channels": cfg.vae.z_dim})
+            meta={"kind": "transformer", "resolution": rung.resolution, "latent_channels": cfg.vae.z_dim},
+            lora=lora, base=(init, "ema") if lora is not None else None)
         self.null_text, self.null_mask = load_uncond(self.latents_dir / "uncond.safetensors", device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                                        enabled=device.type == "cuda" and cfg.train.precision == "bf16")
@@ -109,16 +117,15 @@ class Rung:
         from stages.sampling import log_samples  # noqa: PLC0415 - keeps sampling out of the training import path
 
         cfg = self.cfg
-        ema = self.trainer.whole(self.trainer.ema, lambda: build_backbone(cfg.model, cfg.vae.z_dim,
-                                                                           cfg.text_encoder.dim))
-        if ema is not None:
-            log_samples(cfg, ema, inputs, self.trainer.out_dir, self.trainer.tracker, step, self.rung.resolution)
+        with self.trainer.ema_model(lambda: build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)) as ema:
+            if ema is not None:
+                log_samples(cfg, ema, inputs, self.trainer.out_dir, self.trainer.tracker, step, self.rung.resolution)
 
     def train(self, inputs: dict) -> float:
-        """Resume from the output folder's latest checkpoint, else start from inputs["init"] (the previous stage)
-        when given; train to the rung's step count. Returns the last logged loss."""
+        """Resume from the output folder's latest checkpoint, else start from self.init when given; train to the
+        rung's step count. Returns the last logged loss."""
         trainer = self.trainer
-        trainer.start(Path(inputs["init"]) if inputs.get("init") else None)
+        trainer.start(self.init)
         if trainer.step == 0:
             trainer.tracker.log_metrics({"parameters": count_parameters(trainer.model)})
         last = trainer.fit(self.forward_backward, self.batches, sample=lambda step: self.sample(inputs, step))
@@ -128,7 +135,8 @@ class Rung:
 def run(cfg, inputs: dict, out_dir: Path, tracker, rung_index: int = 0) -> StageResult:
     out_dir = Path(out_dir)
     rung = cfg.train.rungs[rung_index]
-    stage = Rung(cfg, rung, rung_index, Path(inputs["latents"]), out_dir, tracker, f"pretrain {rung.resolution}px")
+    stage = Rung(cfg, rung, rung_index, Path(inputs["latents"]), out_dir, tracker, f"pretrain {rung.resolution}px",
+                 f"pretrain-{rung.resolution}", starting_weights(cfg, inputs))
     last_loss = stage.train(inputs)
     metrics = {"final_loss": last_loss, "steps": stage.trainer.step, "images_per_s": stage.trainer.images_per_s}
     return StageResult(f"pretrain-{rung.resolution}", out_dir, metrics, hash_files(out_dir / "checkpoints"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from data.synthetic import caption, eval_prompts, make_holdout
-from kiln.checkpoint import load_weights, resolve_checkpoint
+from kiln.checkpoint import resolve_checkpoint
 from kiln.config import config_from_dict
 from kiln.generate import generate_images, image_grid
 from kiln.geometry import vae_factor
@@ -18,6 +18,7 @@ from kiln.models import build_backbone
 from kiln.stage_io import read_stage_manifest
 from kiln.text_encoder import text_encoder_for
 from kiln.vae import vae_for
+from kiln.weights import load_generator
 
 
 def load_stage(stage_dir: Path, device="cpu", which: str = "ema"):
@@ -30,8 +31,7 @@ def load_stage(stage_dir: Path, device="cpu", which: str = "ema"):
     manifest = read_stage_manifest(manifest_dir)
     cfg = config_from_dict(manifest["config"])
     model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
-    has_ema = (ckpt / "ema.safetensors").exists()
-    load_weights(ckpt, model, which if has_ema else "model")
+    load_generator(ckpt, model, which)  # a LoRA stage's adapter is fused into its base here
     meta = json.loads((ckpt / "meta.json").read_text())
     return cfg, model.to(device).eval(), Path(manifest["inputs"]["vae"]), meta
 

@@ -16,6 +16,7 @@ from data.shards import ShardWriter, iter_samples, read_manifest
 from kiln import distributed
 from kiln.config import RungConfig
 from kiln.stage_io import StageResult, hash_files
+from stages.common import starting_weights
 from stages.pretrain import Rung
 
 
@@ -85,7 +86,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     rung = RungConfig(resolution=cfg.train.rungs[-1].resolution, steps=scfg.steps, batch_size=scfg.batch_size,
                       lr=scfg.lr)
     # The SFT rung is one past the ladder: its own seed stream, the pretrain rung's model and loss step.
-    stage = Rung(cfg, rung, len(cfg.train.rungs), out_dir, out_dir, tracker, f"sft {rung.resolution}px")
+    stage = Rung(cfg, rung, len(cfg.train.rungs), out_dir, out_dir, tracker, f"sft {rung.resolution}px", "sft",
+                 starting_weights(cfg, inputs))
     last_loss = stage.train(inputs)
     metrics = {"final_loss": last_loss, "steps": stage.trainer.step}
     return StageResult("sft", out_dir, metrics, hash_files(out_dir / "checkpoints"))

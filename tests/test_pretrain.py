@@ -60,7 +60,7 @@ def test_next_rung_starts_from_previous_weights(smoke_latents, tmp_path):
     cfg = load_config("smoke", ["cadence.sample_every=100"])
     _run(cfg, smoke_latents, tmp_path / "r0")
     trainer = pretrain.Rung(cfg, cfg.train.rungs[1], 1, smoke_latents / "latents", tmp_path / "r1", Tracker(None),
-                            "r1").trainer
+                            "r1", "pretrain-64", tmp_path / "r0").trainer
     trainer.start(init=tmp_path / "r0")
     previous = load_file(str(latest_checkpoint(tmp_path / "r0" / "checkpoints") / "ema.safetensors"))
     for key, value in trainer.ema.state_dict().items():

@@ -1,0 +1,199 @@
+"""LoRA stages (kiln/adapters.py, the trainer's lora mode) and pretrained initialisation (kiln/weights.py), on the
+smoke preset as plain functions."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kiln.adapters import BaseModel, attach_lora, fuse_adapter, trainable
+from kiln.checkpoint import latest_checkpoint, load_trainer_state
+from kiln.config import ConfigError, load_config
+from kiln.models import build_backbone, predict
+from kiln.tracking import Tracker
+from kiln.trainer import Trainer
+from kiln.weights import load_generator
+from stages import dpo, grpo, pretrain, sft
+from stages.common import run_without_orchestration
+
+
+def _cfg(*overrides):
+    return load_config("smoke", ["cadence.sample_every=100", "lora.rank=4", "lora.alpha=8", *overrides])
+
+
+@pytest.fixture(scope="module")
+def base(smoke_latents, tmp_path_factory):
+    """A finished smoke pretrain rung: the weights every LoRA stage here starts from."""
+    root = tmp_path_factory.mktemp("lora-base")
+    inputs = {"latents": smoke_latents / "latents", "vae": smoke_latents / "vae"}
+    run_without_orchestration([("pretrain", "pretrain", inputs)], _cfg(), root)
+    return root / "pretrain", smoke_latents
+
+
+def _backbone(cfg):
+    return build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
+
+
+def _crash_at(monkeypatch, step):
+    original = Trainer.train_step
+
+    def crashing(self, *args, **kwargs):
+        if self.step == step:
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+
+
+def _same_files(a_dir, b_dir):
+    for which in ("model", "ema"):
+        if not (latest_checkpoint(a_dir / "checkpoints") / f"{which}.safetensors").exists():
+            continue  # the policy stages keep no EMA
+        a = load_file(str(latest_checkpoint(a_dir / "checkpoints") / f"{which}.safetensors"))
+        b = load_file(str(latest_checkpoint(b_dir / "checkpoints") / f"{which}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
+
+
+def test_bad_lora_settings_are_one_line_errors_before_compute():
+    with pytest.raises(ConfigError, match=r"'to_nothing' names no Linear layer .*attn\.to_q"):
+        _cfg("lora.stages=[sft]", "lora.target_modules=[to_nothing]")
+    with pytest.raises(ConfigError, match=r"lora.rank 64 does not fit .*at most 32"):
+        _cfg("lora.stages=[sft]", "lora.rank=64")
+    with pytest.raises(ConfigError, match=r"lora.stages: \['pretrain-128'\] are not generator stages"):
+        _cfg("lora.stages=[pretrain-128]")
+    with pytest.raises(ConfigError, match="fsdp is not supported"):
+        _cfg("lora.stages=[dpo]", "distributed.nproc_per_node=2", "distributed.strategy=fsdp")
+
+
+def test_an_adapter_starts_at_its_base_and_fuses_to_what_it_computes():
+    cfg = _cfg("lora.stages=[sft]")
+    torch.manual_seed(0)
+    model = _backbone(cfg).eval()
+    plain = _backbone(cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    x, t = torch.randn(2, 16, 16), torch.rand(2)
+    text, mask = torch.randn(2, 5, cfg.text_encoder.dim), torch.ones(2, 5, dtype=torch.bool)
+    attach_lora(model, cfg.lora)
+    assert all("lora_" in name for name in trainable(model))
+    with torch.no_grad():
+        assert torch.equal(predict(model, x, t, text, mask, (4, 4)), predict(plain, x, t, text, mask, (4, 4)))
+        for name, param in trainable(model).items():  # a trained adapter: B no longer zero
+            param.normal_(std=0.1)
+        adapted = predict(model, x, t, text, mask, (4, 4))
+        reference = predict(BaseModel(model), x, t, text, mask, (4, 4))  # the adapter switched off
+        fused = fuse_adapter(plain, cfg.lora, {k: v.detach() for k, v in trainable(model).items()})
+        assert (adapted - reference).abs().max() > 1e-3
+        assert torch.equal(reference, predict(_backbone_with(cfg, model), x, t, text, mask, (4, 4)))
+        assert torch.allclose(predict(fused, x, t, text, mask, (4, 4)), adapted, atol=1e-5)
+
+
+def _backbone_with(cfg, adapted):
+    """A plain backbone holding an adapted model's base weights."""
+    plain = _backbone(cfg).eval()
+    base = {k.replace(".base_layer", ""): v for k, v in adapted.state_dict().items() if "lora_" not in k}
+    plain.load_state_dict(base)
+    return plain
+
+
+def test_lora_sft_checkpoints_the_adapter_only_and_later_stages_read_full_weights(base, tmp_path):
+    base_dir, latents = base
+    cfg = _cfg("lora.stages=[sft]", "sft.centre_margin=0", "sft.min_gap=0", "sft.steps=3", "sft.lr=0.01")
+    inputs = {"latents": latents / "latents", "vae": latents / "vae", "init": base_dir}
+    sft.run(cfg, inputs, tmp_path / "sft", Tracker(None))
+    ckpt = latest_checkpoint(tmp_path / "sft" / "checkpoints")
+    for which in ("model", "ema"):
+        assert all(".lora_A." in k or ".lora_B." in k for k in load_file(str(ckpt / f"{which}.safetensors")))
+    adapter = load_file(str(ckpt / "model.safetensors"))
+    optimizer = load_trainer_state(ckpt)["optimizer"]
+    # The optimizer holds the adapter only (the last block's text-side layers get no gradient, hence no moments).
+    assert sum(len(g["params"]) for g in optimizer["param_groups"]) == len(adapter) >= len(optimizer["state"]) > 0
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["kind"] == "lora" and meta["lora"]["rank"] == 4 and meta["base"]["which"] == "ema"
+
+    full, before = _backbone(cfg), _backbone(cfg)
+    load_generator(tmp_path / "sft", full)
+    load_generator(base_dir, before)
+    changed = {k for k, v in full.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
+    assert changed and all(k.rsplit(".", 1)[0].endswith(tuple(cfg.lora.target_modules)) for k in changed)
+    assert not meta["base"]["path"].startswith("/")  # relative to the checkpoint: a moved run folder resolves
+    assert (ckpt / meta["base"]["path"]).resolve() == base_dir.resolve()
+
+
+def test_lora_sft_resumes_after_a_crash_to_identical_adapters(base, tmp_path, monkeypatch):
+    base_dir, latents = base
+    cfg = _cfg("lora.stages=[sft]", "sft.centre_margin=0", "sft.min_gap=0", "sft.steps=4",
+               "cadence.checkpoint_every=2", "cadence.keep_checkpoints=5")
+    inputs = {"latents": latents / "latents", "vae": latents / "vae", "init": base_dir}
+    sft.run(cfg, inputs, tmp_path / "straight", Tracker(None))
+    _crash_at(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sft.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
+    monkeypatch.undo()
+    sft.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
+    _same_files(tmp_path / "straight", tmp_path / "crashed")
+
+
+@pytest.mark.parametrize("stage", ["dpo", "grpo"])
+def test_lora_policy_stages_start_at_their_reference_and_resume_exactly(stage, base, pickapic_parquet, tmp_path,
+                                                                        monkeypatch):
+    base_dir, latents = base
+    module = {"dpo": dpo, "grpo": grpo}[stage]
+    cfg = _cfg(f"lora.stages=[{stage}]", "cadence.log_every=1", "cadence.checkpoint_every=2", "cadence.keep_checkpoints=5",
+               "dpo.max_steps=4", "grpo.max_steps=3", "grpo.reward=verifier", "dpo.learning_rate=0.01",
+               f"preference.dataset={pickapic_parquet}")
+    inputs = {"init": base_dir, "vae": latents / "vae"}
+    if stage == "dpo":
+        run_without_orchestration([("preference", "preference", {"model": base_dir, "vae": latents / "vae"})], cfg,
+                                  tmp_path)
+        inputs["pairs"] = tmp_path / "preference"
+
+    class FirstStep(Tracker):
+        def __init__(self):
+            super().__init__(None)
+            self.first = None
+
+        def log_metrics(self, metrics, step=None):
+            if step == 1 and self.first is None:
+                self.first = dict(metrics)
+
+    tracker = FirstStep()
+    module.run(cfg, inputs, tmp_path / "straight", tracker)
+    if stage == "dpo":  # the policy starts as its reference (adapter B = 0): every implicit reward is 0
+        assert tracker.first["train/rewards/margins"] == 0.0
+    else:
+        assert tracker.first["train/kl"] == 0.0 and tracker.first["train/ratio_dev"] == 0.0
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        module.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
+    monkeypatch.undo()
+    module.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
+    _same_files(tmp_path / "straight", tmp_path / "crashed")
+
+
+def test_sigkill_mid_lora_rung_then_rerun_gives_identical_adapters(base, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from kiln.checkpoint import list_checkpoints
+
+    base_dir, latents = base
+    sets = ["lora.stages=[pretrain-64]", "lora.rank=4", "train.rungs.1.steps=30", "cadence.checkpoint_every=10",
+            "cadence.sample_every=1000", "cadence.keep_checkpoints=5"]
+    cfg = load_config("smoke", sets)
+    inputs = {"latents": latents / "latents", "vae": latents / "vae", "init": base_dir}
+    pretrain.run(cfg, inputs, tmp_path / "straight", Tracker(None), rung_index=1)
+    command = [sys.executable, "-m", "stages.pretrain", "--preset", "smoke", *[a for s in sets for a in ("--set", s)],
+               "--rung", "1", "--latents", str(latents / "latents"), "--vae", str(latents / "vae"),
+               "--init", str(base_dir), "--out", str(tmp_path / "killed")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(tmp_path / "killed" / "checkpoints") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no handler runs
+    process.wait()
+    written = [p.name for p in list_checkpoints(tmp_path / "killed" / "checkpoints")]
+    assert written and "step-30" not in written, written
+    pretrain.run(cfg, inputs, tmp_path / "killed", Tracker(None), rung_index=1)
+    _same_files(tmp_path / "straight", tmp_path / "killed")
