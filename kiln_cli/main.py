@@ -78,7 +78,7 @@ def _generate(args) -> int:
 def _export(args) -> int:
     from stages.export import export_diffusers
 
-    print(export_diffusers(Path(args.from_path), Path(args.out)))
+    print(export_diffusers(Path(args.from_path), Path(args.out), merge=args.merge))
     return 0
 
 
@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a stage's model as a diffusers QwenImagePipeline folder")
     export.add_argument("--from", dest="from_path", required=True, help="stage output folder or checkpoint folder")
     export.add_argument("--out", required=True, help="a new folder")
+    export.add_argument("--merge", action="store_true",
+                        help="a LoRA stage: write the adapter fused into full weights, not the base plus "
+                             "pytorch_lora_weights.safetensors")
     export.set_defaults(func=_export)
 
     cmp = sub.add_parser("compare", help="stage-by-stage evaluation table of pipeline runs, from MLflow")
