@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
 from kiln.checkpoint import resolve_checkpoint
+from kiln.weights import check_pretrained, pretrained_fingerprint
 from kiln.config import KilnConfig, config_from_dict, load_config
 from kiln.errors import is_permanent
 from kiln.stage_io import read_stage_manifest, write_stage_manifest
@@ -161,6 +162,8 @@ def stage_task(name: str, kind: str, cfg_tree: dict, inputs: dict, run_root: str
         if manifest is None:
             raise FileNotFoundError(f"{name}: input '{key}' at {path} has no manifest.json (its stage did not finish)")
         input_hashes[key] = manifest["content_hash"]
+    if STAGES[kind].trains_generator and inputs.get("init") is None and cfg.model.pretrained:
+        input_hashes["pretrained"] = pretrained_fingerprint(cfg)  # it starts from the released weights
     key = stage_cache_key(cfg, kind, input_hashes, rung_index)
     tags = {"kiln.stage": name, "kiln.cache_key": key, "kiln.pipeline_run": Path(run_root).name}
     existing = read_stage_manifest(out_dir)
@@ -247,6 +250,8 @@ def pipeline(preset: str = "tiny", overrides: list[str] | None = None, run_name:
              only: list[str] | None = None) -> dict:
     """Run the whole pipeline; returns {stage name: output folder}. force / from_stage / only: see stage_modes."""
     cfg = load_config(preset, overrides or [])
+    if cfg.model.pretrained:  # before any compute: the released weights fit the configured model
+        check_pretrained(cfg)
     run_name = run_name or default_run_name(cfg)
     run_root = Path(cfg.run_dir) / run_name
     modes = stage_modes(cfg, force or (), from_stage, only or (), run_root)

@@ -551,6 +551,11 @@ class KilnConfig(Strict):
         if unknown:
             raise ValueError(f"lora.stages: {unknown} are not generator stages of this pipeline (its generator stages: "
                              f"{self.generator_stages()})")
+        first = self.generator_stages()[0] if self.generator_stages() else None
+        if first in self.lora.stages and not self.model.pretrained:
+            raise ValueError(f"lora.stages: {first} is the first generator stage and trains an adapter, so it needs "
+                             f"weights to start from: set model.pretrained (a diffusers folder, e.g. kiln export "
+                             f"output, or a hub id)")
         if self.lora.stages and self.distributed.world_size > 1 and self.distributed.strategy == "fsdp":
             raise ValueError("lora.stages with distributed.strategy fsdp is not supported yet: use strategy ddp (the "
                              "adapter is small; the frozen base is replicated)")

@@ -29,6 +29,10 @@ def _run(args) -> int:
         raise ValueError("--only reuses an existing run's outputs: name it with --run-name")
     run_root = Path(cfg.run_dir) / args.run_name if args.run_name else None
     stage_modes(cfg, args.force, args.from_stage, args.only, run_root)
+    if cfg.model.pretrained:  # the released weights fit the configured model, before Prefect starts
+        from kiln.weights import check_pretrained
+
+        check_pretrained(cfg)
     from flows.pipeline import pipeline
 
     watch_ephemeral_server()

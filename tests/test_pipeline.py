@@ -299,3 +299,63 @@ def test_rerun_moves_the_old_output_aside_and_trains_on_two_processes(smoke_run,
     assert manifest["metrics"]["steps"] == 3 and manifest["mlflow_run_id"] != old_manifest["mlflow_run_id"]
     history = MlflowClient().get_metric_history(manifest["mlflow_run_id"], "train/loss")
     assert sorted(m.step for m in history) == [2, 3]  # smoke: log_every 2, 3 steps; one entry each (rank 0)
+
+
+def test_finetune_pipeline_from_an_export_trains_lora_stages_whose_adapter_loads_in_diffusers(smoke_run, tmp_path):
+    """A released checkpoint's path through Kiln, offline: the smoke pipeline's export is the released model; a second
+    pipeline starts from it with LoRA on its one rung, SFT, DPO and GRPO; the final stage exports as that base plus
+    one diffusers LoRA file, which QwenImagePipeline.load_lora_weights applies to draw what Kiln draws."""
+    import numpy as np
+    import torch
+    from diffusers import QwenImagePipeline
+
+    from flows.pipeline import pipeline
+    from kiln.config import TextEncoderConfig
+    from kiln.generate import to_pil
+    from kiln.text_encoder import build_text_encoder
+    from kiln.vae import vae_for
+    from stages.sampling import generate_for_captions, load_stage
+
+    root, outputs, overrides = smoke_run
+    released = tmp_path / "released"
+    result = subprocess.run([sys.executable, "-m", "kiln_cli", "export", "--from", outputs["pretrain-64"],
+                             "--out", str(released)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    finetune = [*overrides, f"run_dir={tmp_path}", f"model.pretrained={released}", f"vae.pretrained={released}",
+                "vae.subfolder=vae", "train.rungs=[{resolution: 64, steps: 3, batch_size: 8}]",
+                "lora.stages=[pretrain-64,sft,dpo,grpo]", "lora.rank=2", "lora.alpha=2"]
+    bad = subprocess.run([sys.executable, "-m", "kiln_cli", "run", "--preset", "smoke", "--run-name", "bad",
+                          *[a for s in [*finetune, "model.num_layers=2"] for a in ("--set", s)]],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "model.pretrained" in bad.stderr and "missing" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad" / "data").exists()  # nothing ran
+    tuned = pipeline(preset="smoke", overrides=finetune, run_name="ft")
+    assert list(tuned) == ["data", "vae", "latents", "pretrain-64", "eval-pretrain-64", "sft", "eval-sft",
+                           "preference", "reward", "dpo", "eval-dpo", "grpo", "eval-grpo"]
+    for stage in ("pretrain-64", "sft", "dpo", "grpo"):
+        meta = json.loads(next(Path(tuned[stage]).glob("checkpoints/step-*/meta.json")).read_text())
+        assert meta["kind"] == "lora", stage
+
+    exported = tmp_path / "exported"
+    result = subprocess.run([sys.executable, "-m", "kiln_cli", "export", "--from", tuned["grpo"], "--out",
+                             str(exported)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lora = json.loads((exported / "kiln.json").read_text())["lora"]
+    assert lora["rank"] == 8 and Path(lora["base"]).resolve() == (released / "transformer").resolve()
+    pipe = QwenImagePipeline.from_pretrained(exported, text_encoder=None, tokenizer=None)
+    pipe.load_lora_weights(exported)
+    pipe.set_progress_bar_config(disable=True)
+    meta = json.loads((exported / "kiln.json").read_text())
+    encoder = build_text_encoder(TextEncoderConfig(**meta["text_encoder"]))
+    captions = ["a red circle", "two blue squares"]
+    text, mask = encoder(captions)
+    null, null_mask = encoder([meta["sampler"]["negative_prompt"]])
+    theirs = pipe(prompt_embeds=text, prompt_embeds_mask=mask.long(), negative_prompt_embeds=null.expand(2, -1, -1),
+                  negative_prompt_embeds_mask=null_mask.long().expand(2, -1), true_cfg_scale=4.0,
+                  num_inference_steps=5, height=64, width=64, generator=torch.Generator().manual_seed(3),
+                  output_type="pt").images
+    stage_cfg, model, vae_dir, _ = load_stage(Path(tuned["grpo"]))
+    ours = generate_for_captions(stage_cfg, model, vae_for(stage_cfg, vae_dir, "cpu"), captions, width=64,
+                                 height=64, steps=5, cfg_scale=4.0, seed=3)
+    for a, b in zip(ours, to_pil(theirs * 2 - 1)):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
