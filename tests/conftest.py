@@ -77,3 +77,49 @@ def write_pickapic_parquet(path: Path, n: int = 12, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def pickapic_parquet(tmp_path_factory):
     return write_pickapic_parquet(tmp_path_factory.mktemp("pickapic") / "pairs.parquet")
+
+
+@pytest.fixture
+def crash_at(monkeypatch):
+    """crash_at(step): the next training stage raises "simulated crash" when its trainer reaches `step` (after the
+    checkpoints before it are written); monkeypatch.undo() disarms it."""
+    from kiln.trainer import Trainer
+
+    def arm(step: int) -> None:
+        original = Trainer.train_step
+
+        def crashing(self, *args, **kwargs):
+            if self.step == step:
+                raise RuntimeError("simulated crash")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Trainer, "train_step", crashing)
+
+    return arm
+
+
+def draw_with_diffusers(folder: Path, captions: list[str], size: int, lora: bool = False):
+    """(pipeline, images (B, 3, size, size) in [0, 1]) from an exported folder through diffusers' QwenImagePipeline,
+    the way a user loads it: captions encoded with the text encoder kiln.json names, true CFG 4, 5 steps, seed 3;
+    lora: pipe.load_lora_weights(folder) first."""
+    import json
+
+    import torch
+    from diffusers import QwenImagePipeline
+
+    from kiln.config import TextEncoderConfig
+    from kiln.text_encoder import build_text_encoder
+
+    pipe = QwenImagePipeline.from_pretrained(folder, text_encoder=None, tokenizer=None)
+    if lora:
+        pipe.load_lora_weights(folder)
+    pipe.set_progress_bar_config(disable=True)
+    meta = json.loads((Path(folder) / "kiln.json").read_text())
+    encoder = build_text_encoder(TextEncoderConfig(**meta["text_encoder"]))
+    text, mask = encoder(captions)
+    null, null_mask = encoder([meta["sampler"]["negative_prompt"]])
+    n = len(captions)
+    return pipe, pipe(prompt_embeds=text, prompt_embeds_mask=mask.long(), negative_prompt_embeds=null.expand(n, -1, -1),
+                      negative_prompt_embeds_mask=null_mask.long().expand(n, -1), true_cfg_scale=4.0,
+                      num_inference_steps=5, height=size, width=size, generator=torch.Generator().manual_seed(3),
+                      output_type="pt").images

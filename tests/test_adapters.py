@@ -12,10 +12,10 @@ from kiln.checkpoint import latest_checkpoint, load_trainer_state
 from kiln.config import ConfigError, load_config
 from kiln.models import build_backbone, predict
 from kiln.tracking import Tracker
-from kiln.trainer import Trainer
 from kiln.weights import load_generator
 from stages import dpo, grpo, pretrain, sft
 from stages.common import run_without_orchestration
+from conftest import draw_with_diffusers
 
 
 def _cfg(*overrides):
@@ -33,17 +33,6 @@ def base(smoke_latents, tmp_path_factory):
 
 def _backbone(cfg):
     return build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
-
-
-def _crash_at(monkeypatch, step):
-    original = Trainer.train_step
-
-    def crashing(self, *args, **kwargs):
-        if self.step == step:
-            raise RuntimeError("simulated crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_step", crashing)
 
 
 def _same_files(a_dir, b_dir):
@@ -120,13 +109,13 @@ def test_lora_sft_checkpoints_the_adapter_only_and_later_stages_read_full_weight
     assert (ckpt / meta["base"]["path"]).resolve() == base_dir.resolve()
 
 
-def test_lora_sft_resumes_after_a_crash_to_identical_adapters(base, tmp_path, monkeypatch):
+def test_lora_sft_resumes_after_a_crash_to_identical_adapters(base, tmp_path, monkeypatch, crash_at):
     base_dir, latents = base
     cfg = _cfg("lora.stages=[sft]", "sft.centre_margin=0", "sft.min_gap=0", "sft.steps=4",
                "cadence.checkpoint_every=2", "cadence.keep_checkpoints=5")
     inputs = {"latents": latents / "latents", "vae": latents / "vae", "init": base_dir}
     sft.run(cfg, inputs, tmp_path / "straight", Tracker(None))
-    _crash_at(monkeypatch, 3)
+    crash_at(3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         sft.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
     monkeypatch.undo()
@@ -136,7 +125,7 @@ def test_lora_sft_resumes_after_a_crash_to_identical_adapters(base, tmp_path, mo
 
 @pytest.mark.parametrize("stage", ["dpo", "grpo"])
 def test_lora_policy_stages_start_at_their_reference_and_resume_exactly(stage, base, pickapic_parquet, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, crash_at):
     base_dir, latents = base
     module = {"dpo": dpo, "grpo": grpo}[stage]
     cfg = _cfg(f"lora.stages=[{stage}]", "cadence.log_every=1", "cadence.checkpoint_every=2", "cadence.keep_checkpoints=5",
@@ -163,7 +152,7 @@ def test_lora_policy_stages_start_at_their_reference_and_resume_exactly(stage, b
         assert tracker.first["train/rewards/margins"] == 0.0
     else:
         assert tracker.first["train/kl"] == 0.0 and tracker.first["train/ratio_dev"] == 0.0
-    _crash_at(monkeypatch, 2)
+    crash_at(2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         module.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
     monkeypatch.undo()
@@ -199,27 +188,6 @@ def test_sigkill_mid_lora_rung_then_rerun_gives_identical_adapters(base, tmp_pat
     _same_files(tmp_path / "straight", tmp_path / "killed")
 
 
-def _diffusers_images(folder, captions, lora: bool):
-    from diffusers import QwenImagePipeline
-
-    from kiln.config import TextEncoderConfig
-    from kiln.text_encoder import build_text_encoder
-
-    pipe = QwenImagePipeline.from_pretrained(folder, text_encoder=None, tokenizer=None)
-    if lora:
-        pipe.load_lora_weights(folder)  # diffusers' own loader reads pytorch_lora_weights.safetensors
-    pipe.set_progress_bar_config(disable=True)
-    meta = json.loads((folder / "kiln.json").read_text())
-    encoder = build_text_encoder(TextEncoderConfig(**meta["text_encoder"]))
-    text, mask = encoder(captions)
-    null, null_mask = encoder([meta["sampler"]["negative_prompt"]])
-    n = len(captions)
-    return pipe, pipe(prompt_embeds=text, prompt_embeds_mask=mask.long(), negative_prompt_embeds=null.expand(n, -1, -1),
-                negative_prompt_embeds_mask=null_mask.long().expand(n, -1), true_cfg_scale=4.0,
-                num_inference_steps=5, height=64, width=64, generator=torch.Generator().manual_seed(3),
-                output_type="pt").images
-
-
 def test_exported_lora_chain_loads_in_diffusers_and_draws_what_kiln_draws(base, pickapic_parquet, tmp_path):
     """LoRA SFT then LoRA DPO (lr high enough that each adapter matters): the DPO stage exports as its base pipeline
     plus one diffusers LoRA file of rank 4 + 4, or merged; both draw Kiln's images within one pixel level."""
@@ -250,7 +218,7 @@ def test_exported_lora_chain_loads_in_diffusers_and_draws_what_kiln_draws(base, 
     assert meta["rank"] == 8 and meta["stages"] == 2 and (adapter_out / meta["file"]).exists()
     merged_out = export_diffusers(tmp_path / "dpo", tmp_path / "merged", merge=True)
     assert not (merged_out / "pytorch_lora_weights.safetensors").exists()
-    base_pipe, _ = _diffusers_images(adapter_out, captions, lora=False)
+    base_pipe, _ = draw_with_diffusers(adapter_out, captions, 64)
     x, t = torch.randn(2, 16, 16), torch.rand(2)
     text, mask = torch.randn(2, 5, cfg.text_encoder.dim), torch.ones(2, 5, dtype=torch.bool)
     with torch.no_grad():
@@ -258,7 +226,7 @@ def test_exported_lora_chain_loads_in_diffusers_and_draws_what_kiln_draws(base, 
         # The smoke VAE barely depends on its latents, so the adapter's effect is checked on the velocity.
         assert (predict(base_pipe.transformer, x, t, text, mask, (4, 4)) - kiln_velocity).abs().max() > 1e-2
     for folder, lora in ((adapter_out, True), (merged_out, False)):
-        pipe, theirs = _diffusers_images(folder, captions, lora)
+        pipe, theirs = draw_with_diffusers(folder, captions, 64, lora)
         for a, b in zip(ours, to_pil(theirs * 2 - 1)):
             assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
         with torch.no_grad():

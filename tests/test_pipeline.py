@@ -306,13 +306,10 @@ def test_finetune_pipeline_from_an_export_trains_lora_stages_whose_adapter_loads
     pipeline starts from it with LoRA on its one rung, SFT, DPO and GRPO; the final stage exports as that base plus
     one diffusers LoRA file, which QwenImagePipeline.load_lora_weights applies to draw what Kiln draws."""
     import numpy as np
-    import torch
-    from diffusers import QwenImagePipeline
 
+    from conftest import draw_with_diffusers
     from flows.pipeline import pipeline
-    from kiln.config import TextEncoderConfig
     from kiln.generate import to_pil
-    from kiln.text_encoder import build_text_encoder
     from kiln.vae import vae_for
     from stages.sampling import generate_for_captions, load_stage
 
@@ -342,18 +339,8 @@ def test_finetune_pipeline_from_an_export_trains_lora_stages_whose_adapter_loads
     assert result.returncode == 0, result.stderr
     lora = json.loads((exported / "kiln.json").read_text())["lora"]
     assert lora["rank"] == 8 and Path(lora["base"]).resolve() == (released / "transformer").resolve()
-    pipe = QwenImagePipeline.from_pretrained(exported, text_encoder=None, tokenizer=None)
-    pipe.load_lora_weights(exported)
-    pipe.set_progress_bar_config(disable=True)
-    meta = json.loads((exported / "kiln.json").read_text())
-    encoder = build_text_encoder(TextEncoderConfig(**meta["text_encoder"]))
     captions = ["a red circle", "two blue squares"]
-    text, mask = encoder(captions)
-    null, null_mask = encoder([meta["sampler"]["negative_prompt"]])
-    theirs = pipe(prompt_embeds=text, prompt_embeds_mask=mask.long(), negative_prompt_embeds=null.expand(2, -1, -1),
-                  negative_prompt_embeds_mask=null_mask.long().expand(2, -1), true_cfg_scale=4.0,
-                  num_inference_steps=5, height=64, width=64, generator=torch.Generator().manual_seed(3),
-                  output_type="pt").images
+    _, theirs = draw_with_diffusers(exported, captions, 64, lora=True)
     stage_cfg, model, vae_dir, _ = load_stage(Path(tuned["grpo"]))
     ours = generate_for_captions(stage_cfg, model, vae_for(stage_cfg, vae_dir, "cpu"), captions, width=64,
                                  height=64, steps=5, cfg_scale=4.0, seed=3)

@@ -223,19 +223,9 @@ def test_dpo_trains_the_policy_to_prefer_the_chosen_images_of_its_pairs(labelled
     assert (margins > 0).float().mean() > 0.65  # the implicit reward accuracy, from 0 at the start
 
 
-def _crash_at(monkeypatch, step: int):
-    original = Trainer.train_step
-
-    def crashing(self, *args, **kwargs):
-        if self.step == step:
-            raise RuntimeError("simulated crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_step", crashing)
-
-
 @pytest.mark.parametrize("stage", ["dpo", "grpo"])
-def test_preference_stages_resume_to_identical_weights(stage, labelled_pairs, pretrained, tmp_path, monkeypatch):
+def test_preference_stages_resume_to_identical_weights(stage, labelled_pairs, pretrained, tmp_path, monkeypatch,
+                                                       crash_at):
     root, latents = pretrained
     module = {"dpo": dpo, "grpo": grpo}[stage]
     cfg = _cfg("cadence.checkpoint_every=2", "cadence.keep_checkpoints=5", "dpo.max_steps=4", "grpo.max_steps=3",
@@ -250,7 +240,7 @@ def test_preference_stages_resume_to_identical_weights(stage, labelled_pairs, pr
         assert {"train/reward", "train/kl", "train/clipfrac", "train/reward_verifier", "train/ratio_dev",
                 "train/informative_groups", "train/heldout_correct", "train/heldout_score"} <= logged
 
-    _crash_at(monkeypatch, 3 if stage == "dpo" else 2)
+    crash_at(3 if stage == "dpo" else 2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         module.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
     monkeypatch.undo()
