@@ -479,3 +479,23 @@ def test_sampled_pairs_take_the_configured_kinds_and_score_gap(pretrained, monke
     assert [r[0] for r in records] == ["count"] * 4  # prompts 4..7: gaps 0.5, 0.625, 0.75, 0.875
     assert [r[1] for r in records] == judged[4:]
     assert [float(r[5].max() - r[5].min()) for r in records] == [0.5, 0.625, 0.75, 0.875]
+
+
+def test_lora_dpo_on_two_processes_follows_one_process(labelled_pairs, pretrained, tmp_path):
+    """DDP with an adapter: the frozen base is replicated, the adapter's gradients averaged; two processes of 2 pairs
+    train the adapter one process of 4 pairs trains."""
+    from stages.worker import launch
+
+    root, latents = pretrained
+    inputs = {"pairs": labelled_pairs, "init": root / "pretrain", "vae": latents / "vae"}
+    sets = ["dpo.max_steps=3", "cadence.log_every=1", "cadence.checkpoint_every=100", "lora.stages=[dpo]",
+            "lora.rank=4", "dpo.learning_rate=0.01"]
+    dpo.run(_cfg(*sets, "dpo.per_device_train_batch_size=4"), inputs, tmp_path / "one", Tracker(None))
+    (tmp_path / "two").mkdir()
+    launch("dpo", _cfg(*sets, "dpo.per_device_train_batch_size=2", "distributed.nproc_per_node=2"), inputs,
+           tmp_path / "two", None, None)
+    a = load_file(str(tmp_path / "one" / "checkpoints" / "step-3" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / "step-3" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(".lora_" in k for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-5
+    assert max(v.abs().max().item() for k, v in a.items() if ".lora_B." in k) > 1e-3  # the adapter trained
