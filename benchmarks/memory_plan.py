@@ -14,6 +14,13 @@ The plan then adds, per GPU:
 - activations: every block's saved tensors without activation checkpointing; with it, only each block's input
   (image + text hidden states, bf16) plus one block's saved tensors while that block is recomputed.
 
+LoRA post-training (`lora.*` of the preset, or --lora-rank) is planned as Kiln runs it: the frozen base in bf16 on
+every GPU (2 B per parameter; data parallel is DDP, FSDP2 with adapters is not supported), the adapter's fp32
+weights, gradients and AdamW moments (16 B per adapter parameter), no second model for DPO's or GRPO's reference
+(it is the base with the adapter switched off), and the activations measured with the adapter attached. A
+full-weight DPO/GRPO row adds its frozen fp32 reference copy (sharded like the model) for comparison. Batch: images per
+GPU (a DPO pair is two).
+
 python benchmarks/memory_plan.py --preset qwen-image --gpus 8 --gpu-gb 80 --resolution 1328 --text-tokens 256
 """
 
@@ -23,6 +30,7 @@ import argparse
 
 import torch
 
+from kiln.adapters import attach_lora
 from kiln.config import load_config
 from kiln.geometry import TOKEN_PATCH, token_grid, vae_factor
 from kiln.models import build_backbone, count_parameters, predict
@@ -53,10 +61,15 @@ def fused_sdpa(query, key, value, **kwargs):
     return FusedAttentionSaves.apply(query, key, value, kwargs)
 
 
-def saved_activation_bytes(cfg, num_layers: int, resolution: int, text_tokens: int) -> int:
-    """Bytes autograd keeps for backward in one bf16 forward of a num_layers-block model, batch 1 (meta tensors)."""
+def saved_activation_bytes(cfg, num_layers: int, resolution: int, text_tokens: int, lora=None) -> int:
+    """Bytes autograd keeps for backward in one bf16 forward of a num_layers-block model, batch 1 (meta tensors);
+    lora: with that adapter attached (the base frozen)."""
     model_cfg = cfg.model.model_copy(update={"num_layers": num_layers, "gradient_checkpointing": False})
-    model = build_backbone(model_cfg, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta").to(torch.bfloat16)
+    model = build_backbone(model_cfg, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta")
+    if lora is not None:
+        with torch.device("meta"):
+            attach_lora(model, lora)
+    model = model.to(torch.bfloat16)
     latent = resolution // vae_factor(cfg.vae)
     grid = token_grid(latent, latent)
     x = torch.randn(1, grid[0] * grid[1], cfg.vae.z_dim * TOKEN_PATCH**2, device="meta",
@@ -87,8 +100,11 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=1328)
     parser.add_argument("--text-tokens", type=int, default=256)
     parser.add_argument("--reserve", type=float, default=0.1, help="fraction kept free (allocator, NCCL, kernels)")
+    parser.add_argument("--lora-rank", type=int, default=None, help="plan LoRA at this rank (default: the preset's)")
     args = parser.parse_args()
     cfg = load_config(args.preset, args.overrides)
+    lora = cfg.lora.model_copy(update={"rank": args.lora_rank, "alpha": float(args.lora_rank)}) \
+        if args.lora_rank else cfg.lora
     mc = cfg.model
     params = count_parameters(build_backbone(mc, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta"))
     one, two = (saved_activation_bytes(cfg, n, args.resolution, args.text_tokens) for n in (1, 2))
@@ -109,11 +125,27 @@ def main() -> None:
           f"{args.gpus} GPUs x {args.gpu_gb:.0f} GB ({usable / GIB:.0f} GiB usable)")
     print(f"saved activations per image: {per_block_act / GIB:.2f} GiB per block, {rest_act / GIB:.2f} GiB outside "
           f"the blocks; block input kept under checkpointing {block_input / GIB:.3f} GiB")
+    adapted = build_backbone(mc, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta")
+    with torch.device("meta"):
+        attach_lora(adapted, lora)
+    adapter_params = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    lora_one, lora_two = (saved_activation_bytes(cfg, n, args.resolution, args.text_tokens, lora) for n in (1, 2))
+    lora_block_act, lora_rest_act = lora_two - lora_one, 2 * lora_one - lora_two
+    lora_full = mc.num_layers * lora_block_act + lora_rest_act
+    lora_ckpt = mc.num_layers * block_input + lora_block_act + lora_rest_act
+    lora_state = 2 * params + 16 * adapter_params
+    print(f"LoRA rank {lora.rank} on {', '.join(lora.target_modules)}: {adapter_params / 1e6:.1f} M adapter "
+          f"parameters ({100 * adapter_params / params:.2f}% of the model)")
     rows = [
         ("DDP, fp32 state on every GPU, no checkpointing", 16 * params, 0, act_full),
         ("FSDP2 full shard, bf16 compute, no checkpointing", 16 * params / args.gpus, 6 * block_params, act_full),
         ("FSDP2 full shard, bf16 compute, activation checkpointing", 16 * params / args.gpus, 6 * block_params,
          act_ckpt),
+        # Kiln's full-weight reference is a frozen fp32 copy of the policy, sharded like it (stages/policy.py).
+        ("full-weight DPO/GRPO: FSDP2 + checkpointing + sharded fp32 reference", 20 * params / args.gpus,
+         8 * block_params, act_ckpt),
+        (f"LoRA rank {lora.rank}, bf16 base on every GPU (DDP), no checkpointing", lora_state, 0, lora_full),
+        (f"LoRA rank {lora.rank}, bf16 base on every GPU (DDP), activation checkpointing", lora_state, 0, lora_ckpt),
     ]
     print("| setup | training state | FSDP working set | activations per image | per GPU at batch 1 | images per GPU |")
     print("|---|---|---|---|---|---|")
