@@ -14,10 +14,11 @@ The plan then adds, per GPU:
 - activations: every block's saved tensors without activation checkpointing; with it, only each block's input
   (image + text hidden states, bf16) plus one block's saved tensors while that block is recomputed.
 
-LoRA post-training (`lora.*` of the preset, or --lora-rank) is planned as Kiln runs it: the frozen base in bf16 on
-every GPU (2 B per parameter; data parallel is DDP, FSDP2 with adapters is not supported), the adapter's fp32
-weights, gradients and AdamW moments (16 B per adapter parameter), no second model for DPO's or GRPO's reference
-(it is the base with the adapter switched off), and the activations measured with the adapter attached. A
+LoRA post-training (`lora.*` of the preset, or --lora-rank) is planned as Kiln runs it: the frozen base kept in fp32
+(4 B per parameter, the dtype the trainer builds it in; bf16 autocast computes), replicated on every GPU (DDP) or
+sharded with the adapter (FSDP2, which then gathers two fp32 blocks at a time), the adapter's fp32 weights,
+gradients and AdamW moments (16 B per adapter parameter), no second model for DPO's or GRPO's reference (it is the
+base with the adapter switched off), and the activations measured with the adapter attached. A
 full-weight DPO/GRPO row adds its frozen fp32 reference copy (sharded like the model) for comparison. Batch: images per
 GPU (a DPO pair is two).
 
@@ -133,7 +134,7 @@ def main() -> None:
     lora_block_act, lora_rest_act = lora_two - lora_one, 2 * lora_one - lora_two
     lora_full = mc.num_layers * lora_block_act + lora_rest_act
     lora_ckpt = mc.num_layers * block_input + lora_block_act + lora_rest_act
-    lora_state = 2 * params + 16 * adapter_params
+    lora_state = 4 * params + 16 * adapter_params
     print(f"LoRA rank {lora.rank} on {', '.join(lora.target_modules)}: {adapter_params / 1e6:.1f} M adapter "
           f"parameters ({100 * adapter_params / params:.2f}% of the model)")
     rows = [
@@ -144,8 +145,10 @@ def main() -> None:
         # Kiln's full-weight reference is a frozen fp32 copy of the policy, sharded like it (stages/policy.py).
         ("full-weight DPO/GRPO: FSDP2 + checkpointing + sharded fp32 reference", 20 * params / args.gpus,
          8 * block_params, act_ckpt),
-        (f"LoRA rank {lora.rank}, bf16 base on every GPU (DDP), no checkpointing", lora_state, 0, lora_full),
-        (f"LoRA rank {lora.rank}, bf16 base on every GPU (DDP), activation checkpointing", lora_state, 0, lora_ckpt),
+        (f"LoRA rank {lora.rank}, fp32 base on every GPU (DDP), no checkpointing", lora_state, 0, lora_full),
+        (f"LoRA rank {lora.rank}, fp32 base on every GPU (DDP), activation checkpointing", lora_state, 0, lora_ckpt),
+        (f"LoRA rank {lora.rank}, FSDP2 (base and adapter sharded), activation checkpointing",
+         lora_state / args.gpus, 8 * block_params, lora_ckpt),
     ]
     print("| setup | training state | FSDP working set | activations per image | per GPU at batch 1 | images per GPU |")
     print("|---|---|---|---|---|---|")

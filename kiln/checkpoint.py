@@ -63,18 +63,37 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_weights(path: Path, module: torch.nn.Module, which: str = "model") -> None:
-    """Load model.safetensors or ema.safetensors (or their sharded folders) into module (strict); the module may
-    itself be sharded (FSDP2)."""
+def whole_state(weights) -> dict[str, torch.Tensor]:
+    """The whole tensors of a module or of an adapter view (kiln/adapters.py), gathered from FSDP2 shards when
+    sharded. Collective under FSDP2 (every rank calls it); the result is on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weights, torch.nn.Module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(weights, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+            for k, v in weights.state_dict().items()}
+
+
+def load_weights(path: Path, module, which: str = "model") -> None:
+    """Load model.safetensors or ema.safetensors (or their sharded folders) into module (strict); the module (or an
+    adapter view, kiln/adapters.py) may itself be sharded (FSDP2)."""
     from kiln.distributed import is_sharded
 
     file, shards = Path(path) / f"{which}.safetensors", Path(path) / which
     if file.exists():
         state = load_file(str(file))
-        if is_sharded(module):  # every rank reads the whole file and keeps its shard
+        if is_sharded(module) and isinstance(module, torch.nn.Module):  # every rank reads the file, keeps its shard
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+        elif is_sharded(module):  # an adapter view: each whole tensor cut like its DTensor
+            from torch.distributed.tensor import distribute_tensor
+
+            live = module.state_dict()
+            module.load_state_dict({k: distribute_tensor(v.to(live[k].device), live[k].device_mesh, live[k].placements)
+                                    if k in live else v for k, v in state.items()})
         else:
             module.load_state_dict(state)
     elif shards.is_dir():
@@ -88,12 +107,13 @@ def load_weights(path: Path, module: torch.nn.Module, which: str = "model") -> N
 
 
 def save_sharded_checkpoint(ckpt_dir: Path, step: int, model, ema, optimizer, trainer_state: dict, meta: dict,
-                            keep: int = 2, consolidate: bool = False) -> Path:
+                            keep: int = 2, consolidate: bool = False, weights=None) -> Path:
     """Collective (every rank calls it): FSDP2 model, EMA and optimizer shards, plus rank 0's trainer.pt and
     meta.json. consolidate: also gather the whole model and EMA into rank 0's model/ema.safetensors (a stage's
-    final checkpoint, which later stages and `kiln export` read as usual)."""
+    final checkpoint, which later stages and `kiln export` read as usual). weights: what is saved as the model (an
+    adapter view of `model` for a LoRA stage; default the model)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     from kiln.distributed import barrier, ranks
 
@@ -107,13 +127,12 @@ def save_sharded_checkpoint(ckpt_dir: Path, step: int, model, ema, optimizer, tr
     optim_state = get_optimizer_state_dict(model, optimizer)  # {"state": {fqn: {name: tensor}}, "param_groups": [...]}
     flat_optim = {f"{fqn}.{name}": value for fqn, entries in optim_state["state"].items()
                   for name, value in entries.items()}
-    modules = [("model", model)] + ([("ema", ema)] if ema is not None else [])
+    modules = [("model", model if weights is None else weights)] + ([("ema", ema)] if ema is not None else [])
     for name, state in [*((n, m.state_dict()) for n, m in modules), ("optimizer", flat_optim)]:
         dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / name), save_distributed=True))
     if consolidate:
-        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
         for name, module in modules:
-            state = get_model_state_dict(module, options=whole)  # gathered on rank 0, empty elsewhere
+            state = whole_state(module)  # gathered on rank 0 (a module's is empty elsewhere)
             if main:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"{name}.safetensors"))
     if main:
@@ -173,27 +192,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def save_training_state(ckpt_dir: Path, step: int, model, ema, optimizer, state: dict, meta: dict, keep: int,
-                        sharded: bool, final: bool = False) -> Path:
+                        sharded: bool, final: bool = False, weights=None) -> Path:
     """A trainer's checkpoint, collective under torchrun: sharded (FSDP2, every rank; a final one also whole
     weights), else whole files from rank 0 while the others wait. `state` holds the trainer's own non-tensor state
-    (schedule, step, RNG, data position); the optimizer goes in here."""
+    (schedule, step, RNG, data position); the optimizer goes in here. weights: what is saved as the model (an
+    adapter view for a LoRA stage; default the model)."""
     from kiln.distributed import barrier, ranks
 
     ckpt_dir = Path(ckpt_dir)
     if sharded:
-        return save_sharded_checkpoint(ckpt_dir, step, model, ema, optimizer, state, meta, keep, consolidate=final)
+        return save_sharded_checkpoint(ckpt_dir, step, model, ema, optimizer, state, meta, keep, consolidate=final,
+                                       weights=weights)
     if ranks().is_main:
-        save_checkpoint(ckpt_dir, step, model, ema, {**state, "optimizer": optimizer.state_dict()}, meta=meta,
+        save_checkpoint(ckpt_dir, step, model if weights is None else weights, ema, {**state, "optimizer": optimizer.state_dict()}, meta=meta,
                         keep=keep)
     barrier()
     return ckpt_dir / f"step-{step}"
 
 
-def load_training_state(ckpt: Path, model, ema, optimizer, param_names: list[str], sharded: bool) -> dict:
+def load_training_state(ckpt: Path, model, ema, optimizer, param_names: list[str], sharded: bool,
+                        weights=None) -> dict:
     """Weights (model, and EMA when given) and optimizer state from a whole or a sharded checkpoint into a model
     that is whole or sharded, under any number of processes. param_names: the optimizer's parameters in order (what
-    a whole checkpoint's state indices refer to). Returns the trainer state (trainer.pt)."""
-    load_weights(ckpt, model, "model")
+    a whole checkpoint's state indices refer to). weights: what the checkpoint holds as the model (an adapter view
+    for a LoRA stage; default the model). Returns the trainer state (trainer.pt)."""
+    load_weights(ckpt, model if weights is None else weights, "model")
     if ema is not None:
         load_weights(ckpt, ema, "ema")
     state = load_trainer_state(ckpt)

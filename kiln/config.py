@@ -556,9 +556,6 @@ class KilnConfig(Strict):
             raise ValueError(f"lora.stages: {first} is the first generator stage and trains an adapter, so it needs "
                              f"weights to start from: set model.pretrained (a diffusers folder, e.g. kiln export "
                              f"output, or a hub id)")
-        if self.lora.stages and self.distributed.world_size > 1 and self.distributed.strategy == "fsdp":
-            raise ValueError("lora.stages with distributed.strategy fsdp is not supported yet: use strategy ddp (the "
-                             "adapter is small; the frozen base is replicated)")
         if self.lora.stages:
             from kiln.adapters import check_lora
             from kiln.models import build_backbone

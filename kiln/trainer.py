@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from kiln import distributed
 from kiln.adapters import AdapterEMA, AdapterWeights, attach_lora
-from kiln.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from kiln.checkpoint import latest_checkpoint, load_training_state, save_training_state, whole_state
 from kiln.weights import base_record, load_generator
 from kiln.preemption import Preempted, Preemption
 
@@ -135,23 +135,25 @@ class Trainer:
             self.meta.update(kind="lora", lora=lora.model_dump(mode="json"),
                              base=base_record(self.out_dir / "checkpoints", *base))
         self.model = model.to(device)
-        # What checkpoints and the EMA hold: the whole model, or only its adapter.
-        self.weights = AdapterWeights(self.model) if lora is not None else self.model
-        if ema_decay is None:
-            self.ema = None
-        elif lora is not None:
-            self.ema = AdapterEMA(self.model)
-        else:
-            self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.base = base
         strategy = cfg.distributed.strategy
         self.sharded = self.ranks.distributed and strategy == "fsdp"
-        if self.sharded and self.ema is not None:  # EMA sharded like the model, so the lerp is shard against shard
-            distributed.shard(self.ema)
+        if ema_decay is not None and lora is None:
+            self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+            if self.sharded:  # EMA sharded like the model, so the lerp is shard against shard
+                distributed.shard(self.ema)
         # self.model holds the weights (sharded in place by FSDP2); self.forward is what a stage's step calls.
         if one_backward or strategy == "fsdp":
             self.forward = distributed.wrap(self.model, strategy, device)
         else:
             self.forward = self.model
+        # What checkpoints and the EMA hold: the whole model, or only its adapter (taken after FSDP2 has replaced
+        # the parameters with its sharded ones, so an adapter's EMA is sharded like the adapter).
+        self.weights = AdapterWeights(self.model) if lora is not None else self.model
+        if lora is not None:
+            self.ema = AdapterEMA(self.model) if ema_decay is not None else None
+        elif ema_decay is None:
+            self.ema = None
         self.average_by_hand = self.ranks.distributed and not self.sharded and self.forward is self.model
         self.optimizer, self.param_names = build_optimizer(self.model, lr, betas, weight_decay, device)
         self.step = 0
@@ -165,7 +167,8 @@ class Trainer:
         trainer's starting point is its base, loaded at construction: it takes no init."""
         ckpt = latest_checkpoint(self.out_dir / "checkpoints")
         if ckpt is not None:
-            saved = load_training_state(ckpt, self.weights, self.ema, self.optimizer, self.param_names, self.sharded)
+            saved = load_training_state(ckpt, self.model, self.ema, self.optimizer, self.param_names, self.sharded,
+                                        weights=self.weights)
             self.step = int(saved["step"])
             for key, obj in self.state.items():
                 _set_state(obj, saved["state"][key])
@@ -184,8 +187,8 @@ class Trainer:
         state = {"step": self.step, "state": {key: _get_state(obj) for key, obj in self.state.items()},
                  "torch_rng": torch.get_rng_state()}
         keep = self.cfg.cadence.keep_checkpoints if keep is None else keep
-        return save_training_state(self.out_dir / "checkpoints", self.step, self.weights, self.ema, self.optimizer,
-                                   state, self.meta, keep, self.sharded, final)
+        return save_training_state(self.out_dir / "checkpoints", self.step, self.model, self.ema, self.optimizer,
+                                   state, self.meta, keep, self.sharded, final, weights=self.weights)
 
     def whole(self, module: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
         """`module` (the model or the EMA) whole on rank 0, for sampling; None on other ranks. Collective under
@@ -205,7 +208,17 @@ class Trainer:
     def ema_model(self, build: Callable[[], torch.nn.Module]):
         """The EMA weights as a whole model on rank 0 (None on other ranks), for sampling during training. Collective
         under FSDP2 (see whole); a LoRA trainer swaps the EMA adapter in for the duration."""
-        if self.lora is not None:
+        if self.lora is not None and self.sharded:  # gather the EMA adapter; rank 0 builds base + adapter whole
+            adapter = whole_state(self.ema)
+            if not self.ranks.is_main:
+                yield None
+                return
+            whole = build()
+            load_generator(self.base[0], whole, self.base[1])
+            attach_lora(whole, self.lora)
+            AdapterWeights(whole).load_state_dict(adapter)
+            yield whole.to(self.device).requires_grad_(False).eval()
+        elif self.lora is not None:
             with self.ema.swapped_in() as model:
                 yield model if self.ranks.is_main else None
         else:

@@ -43,7 +43,7 @@ def policy_trainer(cfg, name: str, init_dir: Path, out_dir: Path, tracker, *, st
                       lora=lora, base=(Path(init_dir), "ema") if lora is not None else None)
     trainer.model.train()
     if lora is not None:
-        reference = BaseModel(trainer.model)
-    if trainer.sharded:
+        reference = BaseModel(trainer.model)  # sharded with the policy under FSDP2
+    elif trainer.sharded:
         distributed.shard(reference)
     return trainer, reference

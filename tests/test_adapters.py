@@ -2,6 +2,7 @@
 smoke preset as plain functions."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -51,8 +52,6 @@ def test_bad_lora_settings_are_one_line_errors_before_compute():
         _cfg("lora.stages=[sft]", "lora.rank=64")
     with pytest.raises(ConfigError, match=r"lora.stages: \['pretrain-128'\] are not generator stages"):
         _cfg("lora.stages=[pretrain-128]")
-    with pytest.raises(ConfigError, match="fsdp is not supported"):
-        _cfg("lora.stages=[dpo]", "distributed.nproc_per_node=2", "distributed.strategy=fsdp")
 
 
 def test_an_adapter_starts_at_its_base_and_fuses_to_what_it_computes():
@@ -231,3 +230,37 @@ def test_exported_lora_chain_loads_in_diffusers_and_draws_what_kiln_draws(base, 
             assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
         with torch.no_grad():
             assert torch.allclose(predict(pipe.transformer, x, t, text, mask, (4, 4)), kiln_velocity, atol=1e-5)
+
+
+def test_lora_rung_on_two_fsdp_processes_follows_one_process_and_resumes_in_one(base, tmp_path):
+    """FSDP2 with an adapter: base and adapter sharded, the adapter's EMA sharded like it, checkpoints hold adapter
+    shards (whole adapter at the end), the end-of-stage sample gathers the EMA adapter; one process resumes the
+    2-process shards and ends where one process ends."""
+    from kiln.checkpoint import list_checkpoints
+    from stages.worker import launch
+
+    base_dir, latents = base
+    sets = ["lora.stages=[pretrain-64]", "lora.rank=4", "lora.alpha=8", "train.rungs.1.steps=4",
+            "cadence.checkpoint_every=2", "cadence.keep_checkpoints=5", "cadence.sample_every=4", "device=cpu"]
+    inputs = {"latents": str(latents / "latents"), "vae": str(latents / "vae"), "init": str(base_dir)}
+    pretrain.run(load_config("smoke", sets), inputs, tmp_path / "one", Tracker(None), rung_index=1)
+    (tmp_path / "fsdp").mkdir()
+    launch("pretrain", load_config("smoke", [*sets, "distributed.nproc_per_node=2", "distributed.strategy=fsdp"]),
+           inputs, tmp_path / "fsdp", None, rung_index=1)
+    middle, final = list_checkpoints(tmp_path / "fsdp" / "checkpoints")
+    assert len(list((middle / "model").glob("*.safetensors"))) == 2  # adapter shards, one file per rank
+    assert (tmp_path / "fsdp" / "samples" / "step-4.png").exists()  # drawn from the gathered EMA adapter
+
+    def close(a_dir, b_ckpt):
+        for which in ("model", "ema"):
+            a = load_file(str(latest_checkpoint(a_dir / "checkpoints") / f"{which}.safetensors"))
+            b = load_file(str(b_ckpt / f"{which}.safetensors"))
+            assert a.keys() == b.keys() and all(".lora_" in k for k in a)
+            assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-5, which
+
+    close(tmp_path / "one", final)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp", resumed)
+    shutil.rmtree(resumed / "checkpoints" / final.name)
+    pretrain.run(load_config("smoke", sets), inputs, resumed, Tracker(None), rung_index=1)
+    close(tmp_path / "one", latest_checkpoint(resumed / "checkpoints"))

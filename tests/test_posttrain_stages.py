@@ -424,7 +424,9 @@ def test_dpo_on_two_processes_follows_one_process(labelled_pairs, pretrained, tm
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-5
 
 
-def test_grpo_on_two_fsdp_processes_resumes_exactly_and_in_one_process(labelled_pairs, pretrained, tmp_path):
+@pytest.mark.parametrize("lora", [[], ["lora.stages=[grpo]", "lora.rank=4"]], ids=["full", "lora"])
+def test_grpo_on_two_fsdp_processes_resumes_exactly_and_in_one_process(lora, labelled_pairs, pretrained, tmp_path):
+    """lora: the policy's reference is the sharded policy with its adapter switched off."""
     import shutil
 
     from stages.worker import launch
@@ -432,7 +434,7 @@ def test_grpo_on_two_fsdp_processes_resumes_exactly_and_in_one_process(labelled_
     root, latents = pretrained
     inputs = {"init": root / "pretrain", "vae": latents / "vae"}
     cfg = _cfg("grpo.max_steps=2", "grpo.reward=verifier", "cadence.checkpoint_every=1", "cadence.keep_checkpoints=5",
-               "distributed.nproc_per_node=2", "distributed.strategy=fsdp")
+               "distributed.nproc_per_node=2", "distributed.strategy=fsdp", *lora)
     run_id = _new_mlflow_run("grpo-fsdp")
     (tmp_path / "straight").mkdir()
     launch("grpo", cfg, inputs, tmp_path / "straight", run_id, None)
@@ -444,7 +446,8 @@ def test_grpo_on_two_fsdp_processes_resumes_exactly_and_in_one_process(labelled_
         if processes == 2:  # resumes from the sharded step 1 and draws what the straight run drew
             launch("grpo", cfg, inputs, tmp_path / resumed, None, None)
         else:  # the same shards into one process
-            grpo.run(_cfg("grpo.max_steps=2", "grpo.reward=verifier"), inputs, tmp_path / resumed, Tracker(None))
+            grpo.run(_cfg("grpo.max_steps=2", "grpo.reward=verifier", *lora), inputs, tmp_path / resumed,
+                     Tracker(None))
         assert (tmp_path / resumed / "checkpoints" / "step-2" / "model.safetensors").exists()
     a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-2" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "checkpoints" / "step-2" / "model.safetensors"))
