@@ -64,7 +64,8 @@ STAGES: dict[str, StageSpec] = {spec.kind: spec for spec in (
               shards_hash),
     StageSpec("vae", ("seed", "vae"), checkpoints_hash, inputs={"data": "data"}),
     StageSpec("latents", ("vae",), shards_hash, inputs={"data": "data", "vae": "vae"}),
-    StageSpec("pretrain", ("seed", "model", "objective", "scheduler", "train", "text_encoder"), checkpoints_hash,
+    StageSpec("pretrain", ("seed", "model", "objective", "scheduler", "train", "text_encoder", "lora"),
+              checkpoints_hash,
               inputs={"latents": "latents", "vae": "vae", "init": LATEST_GENERATOR}, optional=frozenset({"init"}),
               data_parallel=True, trains_generator=True, per_rung=True),
     # previous: the eval stage before it (same prompts and noise), for the paired gain over that stage.
@@ -72,17 +73,18 @@ STAGES: dict[str, StageSpec] = {spec.kind: spec for spec in (
               inputs={"model": LATEST_GENERATOR, "features": "features", "previous": "eval"},
               optional=frozenset({"features", "previous"})),
     StageSpec("features", ("seed", "features"), files_hash("feature_net.*"), inputs={"data": "data"}),
-    StageSpec("sft", ("seed", "sft", "model", "objective", "scheduler", "train", "text_encoder", "data.aspect_ratios"),
+    StageSpec("sft", ("seed", "sft", "model", "objective", "scheduler", "train", "text_encoder", "data.aspect_ratios",
+                         "lora"),
               checkpoints_hash, inputs={"latents": "latents", "vae": "vae", "init": LATEST_GENERATOR},
               data_parallel=True, trains_generator=True),
     StageSpec("preference", ("preference", "sampler.negative_prompt", "scheduler", "eval.resolution",
                              "data.holdout_seed"), shards_hash, inputs={"model": LATEST_GENERATOR, "vae": "vae"}),
     StageSpec("reward", ("seed", "reward"), files_hash("reward_model.*"),
               inputs={"pairs": "preference", "vae": "vae", "data": "data"}),
-    StageSpec("dpo", ("seed", "dpo", "objective", "scheduler"), checkpoints_hash,
+    StageSpec("dpo", ("seed", "dpo", "objective", "scheduler", "lora"), checkpoints_hash,
               inputs={"pairs": "preference", "init": LATEST_GENERATOR, "vae": "vae"},
               data_parallel=True, trains_generator=True),
-    StageSpec("grpo", ("grpo", "sampler.negative_prompt", "scheduler", "data.holdout_seed"), checkpoints_hash,
+    StageSpec("grpo", ("grpo", "sampler.negative_prompt", "scheduler", "data.holdout_seed", "lora"), checkpoints_hash,
               inputs={"init": LATEST_GENERATOR, "vae": "vae", "reward": "reward"}, optional=frozenset({"reward"}),
               data_parallel=True, trains_generator=True),
 )}
@@ -138,6 +140,9 @@ def stage_config(cfg: KilnConfig, kind: str, rung_index: int | None = None) -> d
     for section in STAGES[kind].sections:
         if section == "train.rungs.resolution":
             out[section] = [r["resolution"] for r in tree["train"]["rungs"]]
+        elif section == "lora":  # only a stage that trains an adapter reads the adapter's settings
+            name = f"pretrain-{cfg.train.rungs[rung_index].resolution}" if rung_index is not None else kind
+            out[section] = {k: v for k, v in tree["lora"].items() if k != "stages"} if cfg.uses_lora(name) else None
         elif section == "train" and rung_index is not None:
             out[section] = {**tree["train"], "rungs": tree["train"]["rungs"][rung_index]}
         else:  # a section or a dotted key inside one

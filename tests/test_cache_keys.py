@@ -101,3 +101,13 @@ def test_the_fingerprint_follows_project_imports_anywhere_in_a_module(tmp_path, 
     assert stage_io.code_fingerprint("stages.thing") == before
     (tmp_path / "kiln/sibling.py").write_text("y = 2\n")
     assert stage_io.code_fingerprint("stages.thing") != before
+
+
+def test_lora_settings_change_only_the_stages_that_train_an_adapter(smoke_keys):
+    with_grpo_adapter = plan_keys(load_config("smoke", ["lora.stages=[grpo]"]))
+    assert changed(smoke_keys, with_grpo_adapter) == ["grpo", "eval-grpo"]
+    other_rank = plan_keys(load_config("smoke", ["lora.stages=[grpo]", "lora.rank=4"]))
+    assert changed(with_grpo_adapter, other_rank) == ["grpo", "eval-grpo"]
+    rung = plan_keys(load_config("smoke", ["lora.stages=[grpo, pretrain-64]"]))
+    assert changed(with_grpo_adapter, rung) == ["pretrain-64", "eval-pretrain-64", "sft", "eval-sft", "preference",
+                                                "reward", "dpo", "eval-dpo", "grpo", "eval-grpo"]
