@@ -45,6 +45,16 @@ def _same_files(a_dir, b_dir):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
 
 
+def _crash_resume_and_compare(run, step, crash_at, monkeypatch, tmp_path):
+    """run(out) crashes at `step` into tmp_path/crashed, is rerun there, and must end where tmp_path/straight did."""
+    crash_at(step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "crashed")
+    monkeypatch.undo()
+    run(tmp_path / "crashed")
+    _same_files(tmp_path / "straight", tmp_path / "crashed")
+
+
 def test_bad_lora_settings_are_one_line_errors_before_compute():
     with pytest.raises(ConfigError, match=r"'to_nothing' names no Linear layer .*attn\.to_q"):
         _cfg("lora.stages=[sft]", "lora.target_modules=[to_nothing]")
@@ -114,12 +124,7 @@ def test_lora_sft_resumes_after_a_crash_to_identical_adapters(base, tmp_path, mo
                "cadence.checkpoint_every=2", "cadence.keep_checkpoints=5")
     inputs = {"latents": latents / "latents", "vae": latents / "vae", "init": base_dir}
     sft.run(cfg, inputs, tmp_path / "straight", Tracker(None))
-    crash_at(3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        sft.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
-    monkeypatch.undo()
-    sft.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
-    _same_files(tmp_path / "straight", tmp_path / "crashed")
+    _crash_resume_and_compare(lambda out: sft.run(cfg, inputs, out, Tracker(None)), 3, crash_at, monkeypatch, tmp_path)
 
 
 @pytest.mark.parametrize("stage", ["dpo", "grpo"])
@@ -151,12 +156,8 @@ def test_lora_policy_stages_start_at_their_reference_and_resume_exactly(stage, b
         assert tracker.first["train/rewards/margins"] == 0.0
     else:
         assert tracker.first["train/kl"] == 0.0 and tracker.first["train/ratio_dev"] == 0.0
-    crash_at(2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        module.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
-    monkeypatch.undo()
-    module.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
-    _same_files(tmp_path / "straight", tmp_path / "crashed")
+    _crash_resume_and_compare(lambda out: module.run(cfg, inputs, out, Tracker(None)), 2, crash_at, monkeypatch,
+                              tmp_path)
 
 
 def test_sigkill_mid_lora_rung_then_rerun_gives_identical_adapters(base, tmp_path):
