@@ -547,16 +547,17 @@ class KilnConfig(Strict):
             self.grpo.reward == "weighted" and self.grpo.reward_weights.get("reward_model", 0) != 0)
         if "grpo" in post and uses_model and "reward" not in post and not self.grpo.reward_model:
             raise ValueError(f"grpo.reward {self.grpo.reward!r} needs the reward stage or grpo.reward_model")
-        unknown = [s for s in self.lora.stages if s not in self.generator_stages()]
+        # A post-training stage left out of post_training may stay listed (`--set 'post_training=[]'`): it never runs.
+        known = [f"pretrain-{r.resolution}" for r in self.train.rungs] + ["sft", "dpo", "grpo"]
+        unknown = [s for s in self.lora.stages if s not in known]
         if unknown:
-            raise ValueError(f"lora.stages: {unknown} are not generator stages of this pipeline (its generator stages: "
-                             f"{self.generator_stages()})")
+            raise ValueError(f"lora.stages: {unknown} are not generator stages of this config (they are: {known})")
         first = self.generator_stages()[0] if self.generator_stages() else None
         if first in self.lora.stages and not self.model.pretrained:
             raise ValueError(f"lora.stages: {first} is the first generator stage and trains an adapter, so it needs "
                              f"weights to start from: set model.pretrained (a diffusers folder, e.g. kiln export "
                              f"output, or a hub id)")
-        if self.lora.stages:
+        if any(stage in self.generator_stages() for stage in self.lora.stages):  # an adapter that will train
             from kiln.adapters import check_lora
             from kiln.models import build_backbone
 

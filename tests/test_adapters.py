@@ -60,7 +60,7 @@ def test_bad_lora_settings_are_one_line_errors_before_compute():
         _cfg("lora.stages=[sft]", "lora.target_modules=[to_nothing]")
     with pytest.raises(ConfigError, match=r"lora.rank 64 does not fit .*at most 32"):
         _cfg("lora.stages=[sft]", "lora.rank=64")
-    with pytest.raises(ConfigError, match=r"lora.stages: \['pretrain-128'\] are not generator stages"):
+    with pytest.raises(ConfigError, match=r"lora.stages: \['pretrain-128'\] are not generator stages of this config"):
         _cfg("lora.stages=[pretrain-128]")
 
 
