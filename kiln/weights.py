@@ -36,7 +36,11 @@ def pretrained_folder(model_cfg) -> Path:
     else:
         from huggingface_hub import snapshot_download
 
-        root = snapshot_download(source, allow_patterns=[f"{sub}/*"] if sub else None)
+        try:
+            root = snapshot_download(source, allow_patterns=[f"{sub}/*"] if sub else None)
+        except Exception as exc:  # offline, no such repo, no access: one line, the folder kept out of it
+            raise FileNotFoundError(f"model.pretrained: {source} is not a local folder and could not be fetched "
+                                    f"as a hub id ({type(exc).__name__})") from None
         folder = Path(root) / sub if sub else Path(root)
     if not ((folder / WEIGHTS_FILE).exists() or (folder / WEIGHTS_INDEX).exists()):
         raise FileNotFoundError(f"model.pretrained: no {WEIGHTS_FILE} (or its index) in {folder} "

@@ -265,3 +265,13 @@ def test_lora_rung_on_two_fsdp_processes_follows_one_process_and_resumes_in_one(
     shutil.rmtree(resumed / "checkpoints" / final.name)
     pretrain.run(load_config("smoke", sets), inputs, resumed, Tracker(None), rung_index=1)
     close(tmp_path / "one", latest_checkpoint(resumed / "checkpoints"))
+
+
+def test_a_missing_pretrained_folder_is_one_line(tmp_path):
+    from kiln.weights import check_pretrained
+
+    with pytest.raises(FileNotFoundError, match=r"model.pretrained: .*missing does not exist"):
+        check_pretrained(load_config("smoke", [f"model.pretrained={tmp_path / 'missing'}"]))
+    (tmp_path / "empty" / "transformer").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"no diffusion_pytorch_model.safetensors .*pretrained_subfolder"):
+        check_pretrained(load_config("smoke", [f"model.pretrained={tmp_path / 'empty'}"]))
