@@ -204,8 +204,8 @@ def save_training_state(ckpt_dir: Path, step: int, model, ema, optimizer, state:
         return save_sharded_checkpoint(ckpt_dir, step, model, ema, optimizer, state, meta, keep, consolidate=final,
                                        weights=weights)
     if ranks().is_main:
-        save_checkpoint(ckpt_dir, step, model if weights is None else weights, ema, {**state, "optimizer": optimizer.state_dict()}, meta=meta,
-                        keep=keep)
+        save_checkpoint(ckpt_dir, step, model if weights is None else weights, ema,
+                        {**state, "optimizer": optimizer.state_dict()}, meta=meta, keep=keep)
     barrier()
     return ckpt_dir / f"step-{step}"
 

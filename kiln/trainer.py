@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kiln import distributed
-from kiln.adapters import AdapterEMA, AdapterWeights, attach_lora
+from kiln.adapters import AdapterEMA, AdapterWeights, attach_lora, fuse_adapter
 from kiln.checkpoint import latest_checkpoint, load_training_state, save_training_state, whole_state
 from kiln.weights import base_record, load_generator
 from kiln.preemption import Preempted, Preemption
@@ -208,16 +208,14 @@ class Trainer:
     def ema_model(self, build: Callable[[], torch.nn.Module]):
         """The EMA weights as a whole model on rank 0 (None on other ranks), for sampling during training. Collective
         under FSDP2 (see whole); a LoRA trainer swaps the EMA adapter in for the duration."""
-        if self.lora is not None and self.sharded:  # gather the EMA adapter; rank 0 builds base + adapter whole
+        if self.lora is not None and self.sharded:  # gather the EMA adapter; rank 0 fuses it into a whole base
             adapter = whole_state(self.ema)
             if not self.ranks.is_main:
                 yield None
                 return
             whole = build()
             load_generator(self.base[0], whole, self.base[1])
-            attach_lora(whole, self.lora)
-            AdapterWeights(whole).load_state_dict(adapter)
-            yield whole.to(self.device).requires_grad_(False).eval()
+            yield fuse_adapter(whole, self.lora, adapter).to(self.device).requires_grad_(False).eval()
         elif self.lora is not None:
             with self.ema.swapped_in() as model:
                 yield model if self.ranks.is_main else None

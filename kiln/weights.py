@@ -13,14 +13,13 @@ import os
 from pathlib import Path
 
 import torch
+# diffusers' file names for a model's weights: one file, or shards listed in an index.
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME as WEIGHTS_INDEX
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME as WEIGHTS_FILE
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kiln.checkpoint import load_weights, resolve_checkpoint
-
-# diffusers' file names for a model's weights: one file, or shards listed in an index.
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 # --- released checkpoints (diffusers layout) -----------------------------------------------------------------------

@@ -63,10 +63,7 @@ class Rung:
         # From-scratch init; a resumed or continued rung then loads its weights over it.
         model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
         model = init_adaln_zero(model) if cfg.train.init == "adaln_zero" and init is None else model
-        lora = cfg.lora if cfg.uses_lora(stage) else None
-        if lora is not None and init is None:
-            raise ValueError(f"{stage}: a LoRA stage needs weights to start from: a stage before it, or "
-                             f"model.pretrained")
+        lora = cfg.lora if cfg.uses_lora(stage) else None  # the trainer refuses a LoRA stage with nothing under it
         optim = cfg.train.optim
         self.position = DataPosition()
         self.generator = torch.Generator(device=device).manual_seed(seeding.rung(cfg.seed, seed_index))
