@@ -1,7 +1,9 @@
 """The curation funnel (Qwen-Image's data filtering, the working version): named operators with thresholds from the
 config, run over a stream of raw records on all cores, with a report of what each one dropped.
 
-Per record, in a worker process (`inspect_chunk`): decode (unreadable or truncated files) or, for the synthetic
+Per record, in a worker process (`inspect_chunk`): decode (unreadable or truncated files, missing files, images
+over data.funnel.max_pixels) into 8-bit RGB as a photo editor shows it (`to_rgb`: EXIF orientation, transparency over
+data.funnel.background, CMYK, 16-bit and greyscale, the first frame of an animation), or, for the synthetic
 source, render the scene from its seed; file size, resolution, aspect ratio, luma, saturation, entropy, clarity
 (variance of the Laplacian), caption checks; then the image resized and centre-cropped to its aspect-ratio bucket
 for every resolution stage it qualifies for (a synthetic scene is rendered at its own stage's bucket), the caption
@@ -21,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data.buckets import buckets_for
 from data.shards import encode_sample
@@ -64,8 +66,10 @@ def perceptual_hash(image: Image.Image) -> int:
 
 
 def caption_problem(caption, cfg) -> str | None:
-    if not isinstance(caption, str) or not caption.strip():
+    if caption is None or (isinstance(caption, str) and not caption.strip()):
         return "empty caption"
+    if not isinstance(caption, str):
+        return f"caption is not text ({type(caption).__name__})"
     words = len(caption.split())
     if words < cfg.caption_min_words:
         return f"{words} words < {cfg.caption_min_words}"
@@ -74,6 +78,45 @@ def caption_problem(caption, cfg) -> str | None:
     if "\ufffd" in caption:
         return "invalid characters"
     return None
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(opened: Image.Image, background: tuple[int, int, int]) -> tuple[Image.Image, list[str]]:
+    """A decoded image as the 8-bit RGB a viewer shows, and the conversions that took (names for the report).
+
+    Pillow decodes an animation's first frame unless told otherwise. Dropping alpha would turn the colours an encoder
+    leaves under transparent pixels into content, so transparency is composited over `background`."""
+    done = []
+    if getattr(opened, "n_frames", 1) > 1:
+        done.append("first frame of an animation")
+    if opened.getexif().get(0x0112, 1) != 1:  # EXIF Orientation: the camera's rotation, applied as a viewer does
+        opened = ImageOps.exif_transpose(opened)
+        done.append("EXIF orientation")
+    mode = opened.mode
+    if mode in SIXTEEN_BIT_MODES:  # 16-bit grey: convert("L") would clip at 255, not rescale
+        grey = np.asarray(opened, dtype=np.float64)  # (H, W) in 0..65535
+        opened = Image.fromarray(np.clip(grey / 257.0 + 0.5, 0, 255).astype(np.uint8))
+        done.append("16-bit")
+        mode = "L"
+    elif mode == "F":
+        opened = Image.fromarray(np.clip(np.asarray(opened), 0, 255).astype(np.uint8))
+        done.append("32-bit float")
+        mode = "L"
+    elif mode == "CMYK":  # Pillow's JPEG decoder already undoes Adobe's inverted CMYK
+        done.append("CMYK")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in opened.info
+    if has_alpha:
+        rgba = opened.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            done.append("transparency composited")
+            canvas = Image.new("RGBA", rgba.size, (*background, 255))
+            return Image.alpha_composite(canvas, rgba).convert("RGB"), done
+        return rgba.convert("RGB"), done
+    if opened.mode in ("L", "1"):
+        done.append("greyscale")
+    return opened.convert("RGB"), done
 
 
 def fit_to_bucket(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -114,6 +157,8 @@ class Inspected:
     index: int
     dropped_by: str | None = None
     reason: str = ""
+    cause: str = ""  # the reason's kind, counted in the report (e.g. "missing file", "caption is not text")
+    conversions: list = field(default_factory=list)  # what to_rgb converted (kept and dropped records alike)
     caption: str | None = None
     category: str | None = None
     pixel_hash: int = 0  # 64 bits of the sha256 of the decoded pixels
@@ -131,8 +176,8 @@ def inspect_record(record: dict, index: int, cfg, resolutions: list[int], ratios
     out = Inspected(key=str(record.get("key", index)), index=index, caption=record.get("caption"),
                     category=record.get("category"), near_duplicate_bits=cfg.near_duplicate_bits)
 
-    def drop(operator: str, reason: str, image: Image.Image | None = None) -> Inspected:
-        out.dropped_by, out.reason = operator, reason
+    def drop(operator: str, reason: str, image: Image.Image | None = None, cause: str | None = None) -> Inspected:
+        out.dropped_by, out.reason, out.cause = operator, reason, cause or operator
         if image is not None:
             thumb = image.convert("RGB")
             thumb.thumbnail((THUMB, THUMB))
@@ -155,14 +200,24 @@ def inspect_record(record: dict, index: int, cfg, resolutions: list[int], ratios
         if not data and record.get("image_path"):  # a file of a folder source: read here, in the worker
             try:
                 data = _read_file(record["image_path"])
+            except FileNotFoundError:
+                return drop("unreadable", f"no file {record['image_path']}", cause="missing file")
             except OSError as exc:
-                return drop("unreadable", f"{type(exc).__name__}: {str(exc)[:80]}")
+                return drop("unreadable", f"{type(exc).__name__}: {str(exc)[:80]}", cause="read error")
+        if record.get("error"):  # the source could not make this row into a record (e.g. a metadata line not JSON)
+            return drop("unreadable", record["error"], cause="bad metadata row")
         try:
             with Image.open(io.BytesIO(data)) as opened:
+                pixels = opened.width * opened.height  # from the header: nothing decoded yet
+                if pixels > cfg.max_pixels:
+                    return drop("resolution", f"{opened.width}x{opened.height} = {pixels} px > max_pixels "
+                                f"{cfg.max_pixels}", cause="too many pixels")
                 opened.load()  # a truncated file fails here, not at open
-                image = opened.convert("RGB")
+                image, out.conversions = to_rgb(opened, tuple(cfg.background))
+        except Image.DecompressionBombError as exc:  # over Pillow's own limit (2 x 89.5 Mpx), raised at open
+            return drop("resolution", str(exc)[:120], cause="too many pixels")
         except Exception as exc:  # noqa: BLE001 - any decoder error means the file is unusable
-            return drop("unreadable", f"{type(exc).__name__}: {str(exc)[:80]}")
+            return drop("unreadable", f"{type(exc).__name__}: {str(exc)[:80]}", cause="decoder error")
         if not cfg.min_file_bytes <= len(data) <= cfg.max_file_bytes:
             return drop("file_size", f"{len(data)} bytes", image)
     if min(image.size) < cfg.min_side:
@@ -184,7 +239,7 @@ def inspect_record(record: dict, index: int, cfg, resolutions: list[int], ratios
         return drop("clarity", f"{s['clarity']:.1f}", image)
     problem = caption_problem(out.caption, cfg)
     if problem:
-        return drop("caption", problem, image)
+        return drop("caption", problem, image, cause=problem if "words" not in problem else "caption length")
     out.pixel_hash = int.from_bytes(hashlib.sha256(image.tobytes()).digest()[:8], "little")
     out.phash = perceptual_hash(image)
     meta = {"kind": out.category, "source_key": out.key, **out.stats}
@@ -237,6 +292,7 @@ def inspect_chunk(args) -> list[Inspected]:
 class OperatorCount:
     dropped: int = 0
     examples: list = field(default_factory=list)  # (key, reason, thumbnail png)
+    causes: Counter = field(default_factory=Counter)  # drops by the kind of reason (Inspected.cause)
 
 
 class Funnel:
@@ -248,6 +304,7 @@ class Funnel:
         self.counts = {name: OperatorCount() for name in OPERATORS}
         self.unreadable_sources: list[str] = []  # whole files or shards that failed, with the error
         self.notices: list[str] = []  # operators that did not run, and why
+        self.conversions: Counter = Counter()  # records whose decoded image needed a conversion, by conversion
         # The dedup index, what grows with the kept records: an int in a set (~70 bytes) and 8 bytes of perceptual
         # hash per kept record, in a buffer that doubles when full.
         self._pixel_hashes: set[int] = set()
@@ -257,12 +314,14 @@ class Funnel:
     def _drop(self, operator: str, item: Inspected, reason: str) -> None:
         count = self.counts[operator]
         count.dropped += 1
+        count.causes[item.cause or operator] += 1
         if len(count.examples) < self.examples_per_operator:
             count.examples.append((item.key, reason, item.thumbnail))
 
     def consider(self, item: Inspected) -> bool:
         """True if the record is kept so far (rebalancing comes after the whole stream)."""
         self.seen += 1
+        self.conversions.update(item.conversions)
         if item.dropped_by:
             self._drop(item.dropped_by, item, item.reason)
             return False
@@ -285,6 +344,7 @@ class Funnel:
         """A drop decided after the stream (rebalancing, text-image alignment)."""
         count = self.counts[operator]
         count.dropped += 1
+        count.causes[operator] += 1
         if len(count.examples) < self.examples_per_operator:
             count.examples.append((key, reason, thumbnail))
 
@@ -296,10 +356,11 @@ class Funnel:
         for name in OPERATORS:
             count = self.counts[name]
             rows.append({"operator": name, "saw": remaining, "dropped": count.dropped,
+                         "causes": dict(sorted(count.causes.items())),
                          "examples": [f"{key} ({reason})" for key, reason, _ in count.examples]})
             remaining -= count.dropped
         return {"seen": self.seen, "kept": remaining, "operators": rows, "failed_sources": self.unreadable_sources,
-                "notices": self.notices}
+                "conversions": dict(sorted(self.conversions.items())), "notices": self.notices}
 
     def example_grid(self) -> Image.Image | None:
         """One row of dropped-image thumbnails per operator that has any."""

@@ -46,6 +46,11 @@ def source_units(src) -> list[str]:
 def _open(src, unit: str):
     from datasets import Image, load_dataset
 
+    if src.kind == "imagefolder" and _jsonl_listings(src, unit):
+        rows = _JsonlFolder(_jsonl_listings(src, unit), src.image_column)
+        if [c for c in (src.caption_column, src.category_column) if c and c not in rows.columns]:
+            _missing(src, unit, rows.columns)
+        return rows  # images are paths already
     if src.kind == "hub":
         ds = load_dataset(unit, split=src.split, streaming=True)
     elif src.kind == "imagefolder":
@@ -60,11 +65,58 @@ def _open(src, unit: str):
     needed = [c for c in (src.image_column, src.caption_column, src.category_column) if c]
     missing = [c for c in needed if columns and c not in columns]
     if missing:
-        raise MissingColumn(f"data source {unit}: no column {', '.join(repr(c) for c in missing)} "
-                         f"(columns: {', '.join(columns)}); set image_column / caption_column / category_column")
+        _missing(src, unit, columns)
     if columns and src.image_column in columns:
         ds = ds.cast_column(src.image_column, Image(decode=False))  # bytes: decoding is the funnel's first check
     return ds
+
+
+def _missing(src, unit: str, columns: list[str]):
+    missing = [c for c in (src.image_column, src.caption_column, src.category_column) if c and c not in columns]
+    raise MissingColumn(f"data source {unit}: no column {', '.join(repr(c) for c in missing)} "
+                        f"(columns: {', '.join(columns)}); set image_column / caption_column / category_column")
+
+
+def _jsonl_listings(src, unit: str) -> list[Path]:
+    """A local image folder's metadata.jsonl files, when they are its only metadata (read by `_JsonlFolder`)."""
+    if "://" in unit:
+        return []
+    folder = Path(unit) / src.split if (Path(unit) / src.split).is_dir() else Path(unit)
+    listings = sorted(folder.rglob("metadata.*"))
+    return listings if listings and all(p.name == "metadata.jsonl" for p in listings) else []
+
+
+class _JsonlFolder:
+    """The rows of an image folder's metadata.jsonl files, each row's `file_name` made a path beside its listing
+    (what the imagefolder builder does). Read a line at a time: the builder parses a listing as one Arrow table, so
+    one caption that is a number, or one line that is not JSON, failed the whole folder; here that row alone becomes
+    a record the funnel drops and names."""
+
+    def __init__(self, listings: list[Path], image_column: str):
+        self.listings, self.image_column = listings, image_column
+        first = next((row for row in self if "error" not in row), {})
+        self.columns = [key for key in first]  # the first good row's keys: what the column check reads
+
+    def __iter__(self):
+        import json
+
+        for listing in self.listings:
+            with listing.open(encoding="utf-8", errors="replace") as lines:
+                for number, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                        if not isinstance(row, dict):
+                            raise ValueError(f"a JSON {type(row).__name__}, not an object")
+                    except ValueError as exc:
+                        yield {self.image_column: {}, "error": f"{listing}:{number}: not a JSON object "
+                                                               f"({str(exc)[:60]})"}
+                        continue
+                    name = row.pop("file_name", None)
+                    path = str(listing.parent / name) if isinstance(name, str) and name else None
+                    yield {self.image_column: {"path": path}, **row,
+                           **({} if path else {"error": f"{listing}:{number}: no file_name"})}
 
 
 def _imagefolder_patterns(folder: Path, unit: str) -> str | list[str]:
@@ -101,7 +153,8 @@ def iter_unit(src, unit: str, tag: str) -> Iterator[dict]:
             raise MissingColumn(f"data source {unit}: no column {src.image_column!r} (columns: {', '.join(row)})")
         yield {"key": f"{tag}-{i:07d}", **_image_fields(row[src.image_column]),
                "caption": row.get(src.caption_column), "source": unit,
-               "category": str(row[src.category_column]) if src.category_column else None}
+               "category": str(row.get(src.category_column)) if src.category_column else None,
+               **({"error": row["error"]} if row.get("error") else {})}
 
 
 def synthetic_records(resolutions: list[int], per_resolution: int, seed: int, holdout_seed: int) -> Iterator[dict]:

@@ -69,6 +69,13 @@ class SourceConfig(Strict):
 class FunnelConfig(Strict):
     """Thresholds of the curation funnel's operators (data/funnel.py); each is checked in this order."""
 
+    @field_validator("background")
+    @classmethod
+    def _rgb(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(0 <= channel <= 255 for channel in value):
+            raise ValueError(f"background is an RGB colour, 0-255 each, got {list(value)}")
+        return value
+
     min_file_bytes: int = Field(64, ge=0)
     max_file_bytes: int = Field(50_000_000, gt=0)
     min_side: int = Field(32, gt=0)  # px, the shorter side
@@ -81,6 +88,11 @@ class FunnelConfig(Strict):
     caption_min_words: int = Field(1, ge=0)
     caption_max_words: int = Field(77, gt=0)
     near_duplicate_bits: int = Field(4, ge=-1, le=64)  # perceptual-hash Hamming distance; -1 turns it off
+    # Decoding: transparent pixels are composited over this RGB colour (dropping alpha would make the colours a PNG
+    # encoder leaves under them image content); an image of more pixels than max_pixels is dropped from its header,
+    # before it is decoded (decompression bombs; Qwen-Image's largest bucket is 1.8 Mpx).
+    background: tuple[int, int, int] = (255, 255, 255)
+    max_pixels: int = Field(50_000_000, gt=0)
     # Per resolution stage: the image's shorter side must be at least this fraction of the stage's resolution.
     min_side_fraction: float = Field(1.0, gt=0)
     # Category rebalancing: no category may hold more than this many times the smallest one (None: off).

@@ -27,20 +27,64 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     manifest = read_manifest(out_dir / "shards")
     report = funnel.report()
     write_json(out_dir / "funnel_report.json", report)
+    check_ladder(cfg, manifest)
     grid = funnel.example_grid()
     if grid is not None:
         grid.save(out_dir / "funnel_examples.png")
         tracker.log_image(grid, key="funnel_examples")
-    tracker.log_table([{k: (v if not isinstance(v, list) else "; ".join(v)) for k, v in row.items()}
-                       for row in report["operators"]], "funnel.json")
+    tracker.log_table([{k: _cell(v) for k, v in row.items()} for row in report["operators"]], "funnel.json")
     tracker.log_dict(report, "funnel_report.json")
     tracker.log_dataset(manifest, out_dir / "shards", name=f"{cfg.name}-curated")
     metrics = {"samples": manifest["count"], "funnel/seen": report["seen"], "funnel/kept": report["kept"],
                "funnel/failed_sources": len(report["failed_sources"]),
-               **{f"funnel/dropped_{row['operator']}": row["dropped"] for row in report["operators"]}}
+               **{f"funnel/dropped_{row['operator']}": row["dropped"] for row in report["operators"]},
+               **{f"funnel/converted_{name.replace(' ', '_')}": n for name, n in report["conversions"].items()}}
     tracker.log_metrics(metrics)
     tracker.log_dict(manifest, "shards_manifest.json")
     return StageResult("data", out_dir, metrics, manifest["content_hash"])
+
+
+def images_per_rung(cfg, manifest: dict) -> dict[int, int]:
+    """{rung resolution: curated images in its buckets}."""
+    from data.buckets import buckets_for
+
+    return {rung.resolution: sum(manifest["buckets"].get(f"{w}x{h}", {}).get("count", 0)
+                                 for w, h in buckets_for(rung.resolution, cfg.data.aspect_ratios,
+                                                         cfg.data.bucket_multiple))
+            for rung in cfg.train.rungs}
+
+
+def check_ladder(cfg, manifest: dict) -> None:
+    """A one-line error, before the VAE or any training, for a rung the curated images cannot fill a batch of: an
+    image enters a rung only if its shorter side is at least data.funnel.min_side_fraction x the rung's resolution
+    (no upsampling by default), so small images leave the high rungs empty, which pretrain would find only after
+    the VAE and every lower rung had trained."""
+    counts = images_per_rung(cfg, manifest)
+    short = [rung for rung in cfg.train.rungs if counts[rung.resolution] < rung.batch_size]
+    if short:
+        fraction = cfg.data.funnel.min_side_fraction
+        filled = [r for r in cfg.train.rungs if r not in short]
+        raise ValueError(
+            "data: the curated images cannot fill " + ", ".join(
+                f"the {r.resolution} px rung ({counts[r.resolution]} images < batch {r.batch_size})" for r in short)
+            + f"; an image joins a rung when its shorter side is >= {fraction:g} x the rung's resolution; "
+            + (f"keep the rungs it fills (--set 'train.rungs={_rungs_flag(filled)}')" if filled else
+               "use larger images")
+            + " or lower data.funnel.min_side_fraction (smaller images are then upsampled)")
+
+
+def _rungs_flag(rungs) -> str:
+    return "[" + ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in r.model_dump().items() if v is not None) + "}"
+                           for r in rungs) + "]"
+
+
+def _cell(value):
+    """A report value as one table cell: lists joined, {cause: count} as "cause: count; ..."."""
+    if isinstance(value, list):
+        return "; ".join(value)
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {count}" for key, count in value.items())
+    return value
 
 
 def _alignment_scorer(cfg):

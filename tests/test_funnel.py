@@ -319,3 +319,113 @@ def test_a_curation_run_through_the_pipeline_flow_reports_its_funnel(folder, tmp
     assert len(found) == 1 and found[0].description.startswith(f"{len(planted_records())} seen, {N_CLEAN} kept")
     rows = {row["operator"]: row for row in json.loads(found[0].data)}
     assert rows["luma"]["dropped"] == 1 and rows["exact_duplicate"]["dropped"] == 1
+
+
+def _awkward_images():
+    """(file name, bytes, what to_rgb must report, the RGB the centre pixel must have after decoding)."""
+    base = clean_image(200)
+    rgba = np.dstack([np.asarray(base), np.full((64, 64), 255, np.uint8)])
+    rgba[:, :32, :3], rgba[:, :32, 3] = (250, 0, 250), 0  # left half: magenta under fully transparent pixels
+    la = Image.fromarray(np.dstack([np.asarray(base.convert("L")), rgba[..., 3]]), "LA")
+    palette = base.quantize(16)
+    palette.info["transparency"] = palette.getpixel((40, 32))  # one palette entry transparent (as in GIFs)
+    cmyk = base.convert("CMYK")
+    grey16 = Image.fromarray((np.asarray(clean_image(204).convert("L"), np.uint16) * 257))  # I;16, 0..65535
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    tall = Image.fromarray(np.asarray(clean_image(201, (48, 64))))
+    tall.save(rotated, format="JPEG", quality=95, exif=exif)
+    frames = io.BytesIO()
+    clean_image(202).save(frames, format="GIF", save_all=True, append_images=[clean_image(203)], duration=100)
+    return [
+        ("rgba.png", _bytes(Image.fromarray(rgba, "RGBA")), ["transparency composited"], (255, 255, 255)),
+        ("la.png", _bytes(la), ["transparency composited"], (255, 255, 255)),
+        ("palette.png", _bytes(palette), ["transparency composited"], None),
+        ("cmyk.jpg", _bytes(cmyk, "JPEG"), ["CMYK"], None),
+        ("grey16.png", _bytes(grey16), ["16-bit", "greyscale"], None),
+        ("grey.png", _bytes(base.convert("L")), ["greyscale"], None),
+        ("rotated.jpg", rotated.getvalue(), ["EXIF orientation"], None),
+        ("animated.gif", frames.getvalue(), ["first frame of an animation"], None),
+    ]
+
+
+def test_real_image_modes_decode_as_a_viewer_shows_them():
+    """Transparency goes over the configured background (never the colours under it), CMYK, 16-bit and greyscale
+    become the RGB they show, EXIF orientation is applied and an animation gives its first frame."""
+    from data.funnel import to_rgb
+
+    grey16 = np.asarray(clean_image(204).convert("L"), dtype=int)
+    for name, data, conversions, centre in _awkward_images():
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            image, done = to_rgb(opened, (255, 255, 255))
+        assert image.mode == "RGB" and done == conversions, name
+        pixels = np.asarray(image).astype(int)
+        if name in ("rgba.png", "la.png"):
+            assert (pixels[:, :32] == 255).all(), name  # the transparent half is the background, not magenta
+            assert (np.abs(pixels[:, 32:] - np.asarray(clean_image(200).convert("L" if name == "la.png" else "RGB")
+                                                      .convert("RGB"))[:, 32:]) <= 1).all(), name
+        if name == "grey16.png":  # rescaled, not clipped to white
+            assert np.abs(pixels[..., 0] - grey16).max() <= 1
+        if name == "cmyk.jpg":  # colours survive the round trip (JPEG: roughly)
+            assert np.abs(pixels - np.asarray(clean_image(200)).astype(int)).mean() < 12
+        if name == "rotated.jpg":
+            assert image.size == (64, 48)  # stored 48x64, shown rotated
+        if name == "animated.gif":
+            first = np.asarray(clean_image(202)).astype(int)
+            assert np.abs(pixels - first).mean() < np.abs(pixels - np.asarray(clean_image(203)).astype(int)).mean()
+    with Image.open(io.BytesIO(_awkward_images()[0][1])) as opened:
+        black, _ = to_rgb(opened, (0, 0, 0))
+    assert (np.asarray(black)[:, :32] == 0).all()
+
+
+def test_awkward_rows_and_images_are_counted_and_named_never_fatal(tmp_path):
+    """A metadata row naming a missing file, a caption that is a number, null or empty, a line that is not JSON and
+    an image over max_pixels are each dropped, counted by cause and named; every awkward image mode is kept and its
+    conversion counted; the rest of the folder goes on."""
+    folder = tmp_path / "awkward"
+    folder.mkdir()
+    lines = []
+    for name, data, *_ in _awkward_images():
+        (folder / name).write_bytes(data)
+        lines.append(json.dumps({"file_name": name, "text": f"an awkward {name}"}))
+    (folder / "huge.png").write_bytes(_bytes(clean_image(300, (640, 640))))
+    for i, caption in enumerate([7, None, ""]):
+        (folder / f"bad{i}.png").write_bytes(_bytes(clean_image(310 + i)))
+        lines.append(json.dumps({"file_name": f"bad{i}.png", "text": caption}))
+    lines += [json.dumps({"file_name": "huge.png", "text": "too many pixels"}),
+              json.dumps({"file_name": "gone.png", "text": "a file that is not there"}),
+              "{this line is not json", json.dumps({"text": "a row without a file name"})]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = _cfg([{"kind": "imagefolder", "path": str(folder), "caption_column": "text"}],
+               "data.funnel.max_pixels=200000", "data.funnel.near_duplicate_bits=-1")
+    funnel = curate(cfg, tmp_path / "shards", fake_embed, progress=False)
+    report = funnel.report()
+    causes = {row["operator"]: row["causes"] for row in report["operators"] if row["dropped"]}
+    assert causes == {"unreadable": {"missing file": 1, "bad metadata row": 2},
+                      "resolution": {"too many pixels": 1},
+                      "caption": {"caption is not text (int)": 1, "empty caption": 2}}
+    assert report["seen"] == len(lines) and report["kept"] == len(_awkward_images())
+    assert report["conversions"] == {"transparency composited": 3, "CMYK": 1, "16-bit": 1, "greyscale": 2,
+                                     "EXIF orientation": 1, "first frame of an animation": 1}
+    examples = " ".join(e for row in report["operators"] for e in row["examples"])
+    assert "gone.png" in examples and "not a JSON object" in examples and "max_pixels 200000" in examples
+    assert len({s["caption"] for s in iter_samples(tmp_path / "shards", load_images=False)}) == len(_awkward_images())
+
+
+def test_a_rung_the_curated_images_cannot_fill_is_one_line_at_the_end_of_the_data_stage(folder, tmp_path):
+    """64 px images fill the smoke ladder's 32 and 64 px rungs but not a 128 px one: the data stage says so in one
+    line that names the rung and the flag keeping the rungs it fills, before the VAE or any training."""
+    from kiln.tracking import Tracker
+    from stages import data
+
+    sources = [{"kind": "imagefolder", "path": str(folder)}]
+    ladder = "train.rungs=[{resolution: 32, steps: 2, batch_size: 8}, {resolution: 128, steps: 2, batch_size: 8}]"
+    with pytest.raises(ValueError) as error:
+        data.run(_cfg(sources, ladder), {}, tmp_path / "data", Tracker(None))
+    message = str(error.value)
+    assert "\n" not in message and "the 128 px rung (0 images < batch 8)" in message
+    assert "train.rungs=[{resolution: 32, steps: 2, batch_size: 8}]" in message
+    kept = _cfg(sources, "train.rungs=[{resolution: 32, steps: 2, batch_size: 8}]")  # the flag it names works
+    assert data.run(kept, {}, tmp_path / "kept", Tracker(None)).metrics["samples"] == N_CLEAN
