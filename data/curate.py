@@ -12,6 +12,9 @@ synthetic source) into bucketed shards.
    its caption and records below data.funnel.min_alignment are dropped; without one the check is skipped, with a
    notice in the report.
 4. The kept candidates are copied into the final shards.
+With task captions a seeded share of the kept records (data.heldout_fraction, chosen by a hash of the seed and the
+record's key, so the same records whatever else is kept) goes to shards of its own beside the training shards
+(`heldout/`): the evaluation's images, which no stage trains on.
 The result depends on the seed and the config only, not on the number of workers: chunks are the same for any
 number of workers and the main process takes them in stream order.
 """
@@ -19,7 +22,9 @@ number of workers and the main process takes them in stream order.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import hashlib
 import multiprocessing
 import os
 import shutil
@@ -34,6 +39,12 @@ from data.shards import EncodedSample, ShardWriter, iter_samples
 from data.sources import mixed_records, synthetic_records
 
 NO_SCORER = "alignment: no text-image scorer configured (data.funnel.alignment_model): not checked"
+
+
+def is_heldout(key: str, seed: int, fraction: float) -> bool:
+    """Whether a record is in the held-out split: a hash of (seed, key) below `fraction` (stable, seeded)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -156,10 +167,16 @@ def curate(cfg, shard_dir: Path, embed: Callable, progress: bool = True, scorer:
         spilled = ((str(spill_dir / f"chunk-{i:07d}.bin"), task) for i, task in enumerate(tasks))
         inspected_chunks = map(_unspill, _ordered_bounded_map(_inspect_and_spill, spilled, processes, init_worker,
                                                               (embed,)))
+    fraction = dcfg.heldout_fraction if cfg.task_kind == "captions" else 0.0
+    heldout_dir = shard_dir.parent / "heldout"
+    shutil.rmtree(heldout_dir, ignore_errors=True)
     bar = tqdm(desc="curate", unit="img", disable=not progress)
     try:
-        with ShardWriter(candidates_dir if decide_later else shard_dir,
-                         max_samples_per_shard=dcfg.max_samples_per_shard) as writer:
+        with contextlib.ExitStack() as stack:
+            writer = stack.enter_context(ShardWriter(candidates_dir if decide_later else shard_dir,
+                                                     max_samples_per_shard=dcfg.max_samples_per_shard))
+            held_writer = stack.enter_context(ShardWriter(heldout_dir, max_samples_per_shard=dcfg.max_samples_per_shard)) \
+                if fraction and not decide_later else None
             for inspected in inspected_chunks:
                 for item in inspected:
                     if funnel.consider(item):
@@ -167,8 +184,9 @@ def curate(cfg, shard_dir: Path, embed: Callable, progress: bool = True, scorer:
                             keys.append(item.key)
                             categories.append(item.category)
                             scored_samples.add(item.samples[0].key)  # samples come in increasing resolution
+                        target = held_writer if held_writer and is_heldout(item.key, cfg.seed, fraction) else writer
                         for sample in item.samples:
-                            writer.write_encoded(sample)
+                            target.write_encoded(sample)
                 bar.update(len(inspected))
                 bar.set_postfix(kept=funnel.seen - sum(c.dropped for c in funnel.counts.values()))
             if funnel.seen == 0:
@@ -189,10 +207,15 @@ def curate(cfg, shard_dir: Path, embed: Callable, progress: bool = True, scorer:
             dropped.add(keys[i])
     if scorer is not None:
         dropped |= _misaligned(candidates_dir, scored_samples, dropped, scorer, fcfg.min_alignment, funnel)
-    with ShardWriter(shard_dir, max_samples_per_shard=dcfg.max_samples_per_shard) as writer:
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(ShardWriter(shard_dir, max_samples_per_shard=dcfg.max_samples_per_shard))
+        held_writer = stack.enter_context(ShardWriter(heldout_dir, max_samples_per_shard=dcfg.max_samples_per_shard)) \
+            if fraction else None
         for s in iter_samples(candidates_dir, load_images="png"):
-            if s["meta"]["source_key"] not in dropped:
-                writer.write(bucket=s["bucket"], key=s["key"], caption=s["caption"], image=s.get("image_png"),
+            key = s["meta"]["source_key"]
+            if key not in dropped:
+                target = held_writer if held_writer and is_heldout(key, cfg.seed, fraction) else writer
+                target.write(bucket=s["bucket"], key=s["key"], caption=s["caption"], image=s.get("image_png"),
                              meta=s["meta"], tensors={name: s[name] for name in ("text_emb", "text_mask")})
     shutil.rmtree(candidates_dir, ignore_errors=True)
     return funnel

@@ -725,3 +725,16 @@ class BucketBatches:
         if self.load_images:
             batch["image"] = [s.get("image") for s in samples]
         return batch
+
+
+def split_hash(stage_dir: Path) -> str:
+    """A data or latents stage's content: its training shards' hash, combined with the held-out shards' when it has
+    them (task captions), each as its manifest records it."""
+    import hashlib
+
+    stage_dir = Path(stage_dir)
+    train = read_manifest(stage_dir / "shards")["content_hash"]
+    if not (stage_dir / "heldout" / "manifest.json").exists():
+        return train  # the synthetic task's stages: the hash they always had
+    heldout = read_manifest(stage_dir / "heldout")["content_hash"]
+    return hashlib.sha256(f"{train}:{heldout}".encode()).hexdigest()

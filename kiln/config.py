@@ -126,6 +126,9 @@ class DataConfig(Strict):
     samples_per_resolution: int = Field(4000, gt=0)
     aspect_ratios: list[str] = ["1:1"]
     max_samples_per_shard: int = Field(1000, gt=0)
+    # Task captions (your own images): the seeded share of curated images held out for evaluation; no stage trains
+    # on them. (The synthetic task holds out compositions instead: holdout_seed.)
+    heldout_fraction: float = Field(0.1, ge=0, lt=1)
     # Buckets are multiples of this many pixels: a multiple of the VAE factor times the patch (kiln/geometry.py
     # size_multiple: 8 x 2 = 16 for Qwen-Image).
     bucket_multiple: int = Field(16, gt=0)
@@ -321,10 +324,18 @@ class EvalConfig(Strict):
     cfg: float = Field(4.0, ge=1.0)
     batch_size: int = Field(16, gt=0)
     seed: int = 0
+    # Your validation prompts: a fixed-seed grid of them is logged at every evaluated stage (any task).
+    prompts: list[str] = []
+    # Task captions: held-out captions generated per evaluation (one image each; FD and alignment).
+    heldout_images: int = Field(96, gt=1)
+    # Task captions: timesteps of the held-out flow-matching loss (fixed, with fixed noise: comparable across stages).
+    loss_timesteps: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
 
 
 class FeaturesConfig(Strict):
-    """The feature network of the Frechet distance that `kiln compare-systems` reports (stages/features.py)."""
+    """The feature network of the Frechet distance (stages/features.py): on synthetic scenes a classifier of their
+    contents, on captioned images a contrastive image encoder against the frozen text encoder (CLIP-style), which
+    also scores text-image alignment."""
 
     dim: int = Field(64, gt=1)
     steps: int = Field(600, gt=0)
@@ -482,9 +493,19 @@ class LoraSettings(Strict):
                                        "to_add_out"], min_length=1)
 
 
+TASKS = ("synthetic", "captions")
+# Post-training stages built for each task so far: preference, reward, DPO and GRPO judge images with the synthetic
+# world's verifier and prompts.
+TASK_POST_TRAINING = {"synthetic": POST_TRAINING_STAGES, "captions": ()}
+
+
 class KilnConfig(Strict):
     name: str = "tiny"
     seed: int = 0
+    # What judges the images (evaluation, post-training prompts): the synthetic world's grammar, held-out
+    # compositions and verifier, or captioned images' held-out split, loss, FD and learned alignment. auto:
+    # synthetic when data.sources is empty or all synthetic, else captions.
+    task: Literal["auto", "synthetic", "captions"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     run_dir: str = "runs"
     experiment: str = "kiln"
@@ -520,6 +541,14 @@ class KilnConfig(Strict):
     def uses_lora(self, stage: str) -> bool:
         return stage in self.lora.stages
 
+    @property
+    def task_kind(self) -> str:
+        """The task this config's stages serve: "synthetic" or "captions" (see `task`)."""
+        if self.task != "auto":
+            return self.task
+        real = [src for src in self.data.sources if src.kind != "synthetic"]
+        return "captions" if real else "synthetic"
+
     @model_validator(mode="after")
     def _sizes_fit(self) -> "KilnConfig":
         if self.model.kind == "qwen-image" and self.model.patch_size != TOKEN_PATCH:
@@ -543,6 +572,7 @@ class KilnConfig(Strict):
             if size % world:
                 raise ValueError(f"{what}: batch_size {size} does not split over {world} processes (distributed)")
         post = self.post_training
+        self._check_task()
         if post != sorted(post, key=POST_TRAINING_STAGES.index) or len(set(post)) != len(post):
             raise ValueError(f"post_training stages must be distinct and in the order {list(POST_TRAINING_STAGES)}")
         if "dpo" in post and "preference" not in post:
@@ -575,6 +605,19 @@ class KilnConfig(Strict):
 
             check_lora(build_backbone(self.model, self.vae.z_dim, self.text_encoder.dim, device="meta"), self.lora)
         return self
+
+    def _check_task(self) -> None:
+        """Refuse, before any compute, what the task cannot do: one world's options on the other's data."""
+        task = self.task_kind
+        real = [src.kind for src in self.data.sources if src.kind != "synthetic"]
+        if task == "synthetic" and real:
+            raise ValueError(f"task synthetic: data.sources has {real[0]} images, which the synthetic world's "
+                             f"verifier cannot judge; use task captions (or auto)")
+        unbuilt = [stage for stage in self.post_training if stage not in TASK_POST_TRAINING[task]]
+        if unbuilt:
+            raise ValueError(f"task {task}: post_training {unbuilt} judge images with the synthetic world's verifier "
+                             f"and prompts and are not built for captioned images yet; run --set "
+                             f"'post_training=[]'")
 
     def digest(self, section: str | None = None) -> str:
         """A stable hash of the whole config or one section (used in cache keys)."""

@@ -121,6 +121,23 @@ def diffusion_loss(model, latents, text, mask, objective, sched, generator=None,
     return per_sample.mean(), per_sample, t
 
 
+@torch.no_grad()
+def fixed_time_loss(model, latents, text, mask, objective, times: list[float], generator) -> torch.Tensor:
+    """(B,) per-sample loss averaged over the given times, with noise from `generator`: the same latents, times and
+    generator seed give the same noise, so two models' held-out losses compare sample for sample."""
+    b, _, h, w = latents.shape
+    x0 = pack(latents)  # (B, N, C*4)
+    process = make_process(objective)
+    total = torch.zeros(b, device=latents.device)
+    for time in times:
+        t = torch.full((b,), float(time), device=latents.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        alpha, sigma = (_per_row(v, x0) for v in process.alpha_sigma(t))  # (B, 1, 1)
+        out = predict(model, alpha * x0 + sigma * noise, process.grid(t), text, mask, token_grid(h, w))
+        total += (out.float() - target(objective.kind, x0, noise, alpha, sigma).float()).pow(2).mean(dim=(1, 2))
+    return total / len(times)
+
+
 class Denoiser:
     """The (guided) network under one parameterisation: what samplers call.
 

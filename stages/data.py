@@ -7,9 +7,10 @@ an MLflow dataset input."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from data.shards import read_manifest
+from data.shards import read_manifest, split_hash
 from kiln.stage_io import StageResult
 from kiln.text_encoder import build_text_encoder
 from stages.common import pick_device, save_uncond, write_json
@@ -41,7 +42,13 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                **{f"funnel/converted_{name.replace(' ', '_')}": n for name, n in report["conversions"].items()}}
     tracker.log_metrics(metrics)
     tracker.log_dict(manifest, "shards_manifest.json")
-    return StageResult("data", out_dir, metrics, manifest["content_hash"])
+    if (out_dir / "heldout" / "manifest.json").exists():
+        held = json.loads((out_dir / "heldout" / "manifest.json").read_text())["count"]
+        if held < 2:  # the evaluation's distances and pairs need images
+            raise ValueError(f"data: the held-out split has {held} of {report['kept']} images (data.heldout_fraction "
+                             f"{cfg.data.heldout_fraction}): raise it, or bring more images")
+        metrics["heldout_samples"] = held
+    return StageResult("data", out_dir, metrics, split_hash(out_dir))
 
 
 def images_per_rung(cfg, manifest: dict) -> dict[int, int]:

@@ -1,11 +1,13 @@
-"""Eval stage: generate for held-out and training compositions, check every image with the programmatic
+"""Eval stage. Task captions: stages/eval_captions.py (held-out loss, FD, alignment). Task synthetic: generate for
+held-out and training compositions, check every image with the programmatic
 verifier, log per-category accuracy (colour, shape, count, relation), a verifier table and a labelled grid.
 
 Also measured: sampling throughput (images/s), a random-caption baseline (each image checked against the caption of
 another prompt of its split and kind, drawn at random: what a model that ignores the text but draws the evaluated
 distribution would score), given the previous evaluated stage (`inputs["previous"]`, same prompts and noise) the
 paired gain over it with a 95% bootstrap interval over prompts (kiln/stats.py), and, given a features stage (`inputs["features"]`), the Frechet distance between the
-generated images and real renders of the same prompts on that stage's feature network."""
+generated images and real renders of the same prompts on that stage's feature network. Either task: a grid of the
+user's own validation prompts (eval.prompts) from fixed noise."""
 
 from __future__ import annotations
 
@@ -87,6 +89,14 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     vae = vae_for(cfg, vae_dir, device)
     ecfg = cfg.eval
     resolution = ecfg.resolution or meta.get("resolution") or max(r.resolution for r in cfg.train.rungs)
+    if ecfg.prompts:
+        validation_grid(cfg, model, vae, resolution, out_dir / "samples", tracker)
+    if cfg.task_kind == "captions":
+        from stages import eval_captions
+
+        metrics = eval_captions.run(cfg, model, vae, inputs, out_dir, resolution, tracker, device)
+        tracker.log_metrics(metrics)
+        return StageResult("eval", out_dir, metrics, hash_files(out_dir / "samples"))
     holdout = make_holdout(cfg.data.holdout_seed)
     rng = random.Random(ecfg.seed)
     prompts = []  # (split, spec, caption)
@@ -144,6 +154,18 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     tracker.log_image(grid, key="eval_grid", step=0)
     return StageResult("eval", out_dir, metrics, hash_files(samples))
 
+
+
+def validation_grid(cfg, model, vae, resolution: int, samples: Path, tracker) -> None:
+    """eval.prompts, one image each from fixed noise (the same at every stage), as samples/prompts.png and an
+    MLflow image: what users of every trainer look at after each stage."""
+    ecfg = cfg.eval
+    images = generate_for_captions(cfg, model, vae, ecfg.prompts, width=resolution, height=resolution,
+                                   steps=ecfg.steps, cfg_scale=ecfg.cfg, seed=ecfg.seed, batch_size=ecfg.batch_size)
+    samples.mkdir(parents=True, exist_ok=True)
+    grid = image_grid(images, [prompt[:32] for prompt in ecfg.prompts], cols=min(8, len(images)))
+    grid.save(samples / "prompts.png")
+    tracker.log_image(grid, key="validation_prompts", step=0)
 
 
 def frechet_distances(cfg, features_dir: Path, prompts, images, resolution: int, device) -> dict[str, float]:

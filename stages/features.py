@@ -1,6 +1,11 @@
-"""Features stage: train the feature network of the Frechet distance (kiln/features.py) on the data stage's real
-images, labelled by parsing their captions, and report how well it names held-back images' contents (a feature
-network that cannot tell scenes apart would make the distance meaningless)."""
+"""Features stage: train the feature network of the Frechet distance on the data stage's real images, and report how
+well it does on images it did not train on (a feature network that cannot tell images apart would make the distance
+meaningless).
+
+Task synthetic: a classifier of scene contents (kiln/features.py), labelled by parsing the captions.
+Task captions: a contrastive scorer (kiln/contrastive.py) on the training split's images and captions; its held-out
+retrieval accuracy (each held-out image's caption among all held-out captions) is reported with its chance level.
+It is also the evaluation's text-image alignment judge."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from data.labels import LABEL_SIZES, scene_labels
 from data.shards import iter_samples
 from data.synthetic import parse_caption
 from kiln.checkpoint import load_network, save_network
+from kiln.contrastive import ContrastiveScorer, alignment, retrieval_accuracy
 from kiln.features import SIZE, FeatureNet
 from kiln.images import image_tensor
 from kiln.stage_io import StageResult, hash_files
@@ -20,13 +26,39 @@ from kiln.trainer import Schedule, Trainer
 from stages.common import pick_device
 
 
-def load_feature_net(features_dir: Path, device="cpu") -> FeatureNet:
-    """A features stage's output folder -> the trained FeatureNet (eval mode, frozen)."""
-    return load_network(features_dir, "feature_net", lambda arch: FeatureNet(arch["dim"], *LABEL_SIZES), "features",
-                        device)
+def load_feature_net(features_dir: Path, device="cpu"):
+    """A features stage's output folder -> the trained FeatureNet or ContrastiveScorer (eval mode, frozen)."""
+    def build(arch: dict):
+        if arch.get("kind") == "contrastive":
+            return ContrastiveScorer(arch["text_dim"], arch["dim"])
+        return FeatureNet(arch["dim"], *LABEL_SIZES)
+
+    return load_network(features_dir, "feature_net", build, "features", device)
+
+
+def padded_text(samples: list[dict], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shard samples' variable-length caption embeddings -> (N, length, D) float, (N, length) bool."""
+    dim = samples[0]["text_emb"].shape[-1]
+    text, mask = torch.zeros(len(samples), length, dim), torch.zeros(len(samples), length, dtype=torch.bool)
+    for i, sample in enumerate(samples):
+        n = min(length, len(sample["text_mask"]))
+        text[i, :n], mask[i, :n] = sample["text_emb"][:n].float(), sample["text_mask"][:n].bool()
+    return text, mask
+
+
+def one_per_image(shard_dir: Path) -> list[dict]:
+    """Each curated image once (its first, smallest-resolution sample): shards hold one sample per rung it fills."""
+    seen, out = set(), []
+    for sample in iter_samples(shard_dir, load_images=True):
+        if sample["meta"].get("source_key") not in seen:
+            seen.add(sample["meta"].get("source_key"))
+            out.append(sample)
+    return out
 
 
 def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
+    if cfg.task_kind == "captions":
+        return run_contrastive(cfg, inputs, out_dir, tracker)
     out_dir, fcfg = Path(out_dir), cfg.features
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -68,5 +100,49 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     save_network(out_dir, "feature_net", net, {"dim": fcfg.dim})
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # done: the network above is the stage's output
     metrics = {"features/val_all_right": val_right.item(), "features/val_images": n_val}
+    tracker.log_metrics(metrics)
+    return StageResult("features", out_dir, metrics, hash_files(out_dir, "feature_net.*"))
+
+
+def run_contrastive(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
+    """Task captions: the contrastive scorer, trained on the training split, measured on the held-out split."""
+    out_dir, fcfg = Path(out_dir), cfg.features
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = Path(inputs["data"])
+    if not (data / "heldout" / "manifest.json").exists():
+        raise ValueError(f"features: {data} has no held-out split (data.heldout_fraction is 0): the scorer is "
+                         f"measured on it")
+    train, heldout = one_per_image(data / "shards"), one_per_image(data / "heldout")
+    length = cfg.text_encoder.max_length
+    images = torch.stack([image_tensor(s["image"].resize((SIZE, SIZE))) for s in train])  # (N, 3, 64, 64)
+    text, mask = padded_text(train, length)  # (N, L, D), (N, L)
+    net = ContrastiveScorer(text.shape[-1], fcfg.dim)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    trainer = Trainer("features", net, cfg, steps=fcfg.steps, lr=fcfg.lr, schedule=Schedule(decay="constant"),
+                      out_dir=out_dir, tracker=tracker, device=device, weight_decay=0.01, grad_clip=1.0,
+                      state={"generator": generator}, meta={"kind": "features"}, log_prefix="features")
+    trainer.start()
+
+    def batches():
+        while True:  # distinct images per batch: a repeated image would be its own negative
+            yield torch.randperm(len(train), generator=generator)[:fcfg.batch_size]
+
+    def forward_backward(rows: torch.Tensor) -> dict:
+        loss, right = net.loss(images[rows].to(device), text[rows].to(device), mask[rows].to(device))
+        loss.backward()
+        return {"loss": loss.detach(), "train_top1": right.detach()}
+
+    trainer.fit(forward_backward, batches, save_final=False)
+    net.eval()
+    held_images = torch.stack([image_tensor(s["image"].resize((SIZE, SIZE))) for s in heldout]).to(device)
+    held_text, held_mask = (t.to(device) for t in padded_text(heldout, length))
+    captions = [s["caption"] for s in heldout]
+    metrics = {"features/heldout_retrieval": retrieval_accuracy(net, held_images, held_text, held_mask, captions),
+               "features/heldout_retrieval_chance": 1 / len(set(captions)),
+               "features/heldout_alignment": alignment(net, held_images, held_text, held_mask).mean().item(),
+               "features/heldout_images": len(heldout), "features/train_images": len(train)}
+    save_network(out_dir, "feature_net", net, {"kind": "contrastive", "text_dim": text.shape[-1], "dim": fcfg.dim})
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # done: the network above is the stage's output
     tracker.log_metrics(metrics)
     return StageResult("features", out_dir, metrics, hash_files(out_dir, "feature_net.*"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data.shards import ShardWriter, iter_samples, read_manifest
+from data.shards import ShardWriter, iter_samples, read_manifest, split_hash
 from kiln.images import image_tensor
 from kiln.stage_io import StageResult
 from kiln.vae import encode_images, load_vae
@@ -22,10 +22,20 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     out_dir = Path(out_dir)
     device = pick_device(cfg.device)
     vae = load_vae(Path(inputs["vae"]), cfg.vae).to(device)
-    source = Path(inputs["data"]) / "shards"
+    for split in ("shards", "heldout"):  # heldout: task captions' evaluation images (the held-out loss reads them)
+        if (Path(inputs["data"]) / split / "manifest.json").exists():
+            encode_split(cfg, vae, Path(inputs["data"]) / split, out_dir / split, device)
+    (out_dir / "uncond.safetensors").write_bytes((Path(inputs["data"]) / "uncond.safetensors").read_bytes())
+    manifest = read_manifest(out_dir / "shards")
+    tracker.log_metrics({"samples": manifest["count"]})
+    return StageResult("latents", out_dir, {"samples": manifest["count"]}, split_hash(out_dir))
+
+
+def encode_split(cfg, vae, source: Path, dest: Path, device) -> None:
+    """Shards at source (images) -> shards at dest (latents, text embeddings, the same keys and metadata)."""
     total = read_manifest(source)["count"]
-    bar = tqdm(total=total, desc="latents", unit="img")
-    with ShardWriter(out_dir / "shards", max_samples_per_shard=cfg.data.max_samples_per_shard) as writer:
+    bar = tqdm(total=total, desc=f"latents {source.name}", unit="img")
+    with ShardWriter(dest, max_samples_per_shard=cfg.data.max_samples_per_shard) as writer:
         # iter_samples walks shard by shard, so consecutive samples share a bucket: batch them per bucket.
         for bucket, group in groupby(iter_samples(source, load_images=True), key=lambda s: tuple(s["bucket"])):
             group = list(group)
@@ -44,7 +54,3 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                     )
                 bar.update(len(chunk))
     bar.close()
-    (out_dir / "uncond.safetensors").write_bytes((Path(inputs["data"]) / "uncond.safetensors").read_bytes())
-    manifest = read_manifest(out_dir / "shards")
-    tracker.log_metrics({"samples": manifest["count"]})
-    return StageResult("latents", out_dir, {"samples": manifest["count"]}, manifest["content_hash"])

@@ -30,10 +30,17 @@ def samples_hash(out_dir: Path) -> str:
 
 
 def shards_hash(out_dir: Path) -> str:
-    """OUT/shards' content hash computed from the shard files themselves, not copied from their manifest."""
-    shard_dir = Path(out_dir) / "shards"
-    relpaths = read_shards_manifest(shard_dir)["shards"]
-    return shards_content_hash(file_sha256(shard_dir / relpath) for relpath in relpaths)
+    """OUT/shards' content hash computed from the shard files themselves, not copied from their manifest, combined
+    with OUT/heldout's where there is one (data.split_hash's rule)."""
+    import hashlib
+
+    hashes = []
+    for split in ("shards", "heldout"):
+        shard_dir = Path(out_dir) / split
+        if split == "shards" or (shard_dir / "manifest.json").exists():
+            relpaths = read_shards_manifest(shard_dir)["shards"]
+            hashes.append(shards_content_hash(file_sha256(shard_dir / relpath) for relpath in relpaths))
+    return hashes[0] if len(hashes) == 1 else hashlib.sha256(":".join(hashes).encode()).hexdigest()
 
 
 def files_hash(pattern: str) -> Callable[[Path], str]:
@@ -69,10 +76,12 @@ STAGES: dict[str, StageSpec] = {spec.kind: spec for spec in (
               inputs={"latents": "latents", "vae": "vae", "init": LATEST_GENERATOR}, optional=frozenset({"init"}),
               data_parallel=True, trains_generator=True, per_rung=True),
     # previous: the eval stage before it (same prompts and noise), for the paired gain over that stage.
-    StageSpec("eval", ("eval", "sampler", "scheduler"), samples_hash,
-              inputs={"model": LATEST_GENERATOR, "features": "features", "previous": "eval"},
-              optional=frozenset({"features", "previous"})),
-    StageSpec("features", ("seed", "features"), files_hash("feature_net.*"), inputs={"data": "data"}),
+    # data, latents: task captions' held-out split (real images for FD, latents for the held-out loss).
+    StageSpec("eval", ("eval", "sampler", "scheduler", "task"), samples_hash,
+              inputs={"model": LATEST_GENERATOR, "features": "features", "previous": "eval", "data": "data",
+                      "latents": "latents"},
+              optional=frozenset({"features", "previous", "data", "latents"})),
+    StageSpec("features", ("seed", "features", "task"), files_hash("feature_net.*"), inputs={"data": "data"}),
     StageSpec("sft", ("seed", "sft", "model", "objective", "scheduler", "train", "text_encoder", "data.aspect_ratios",
                          "lora"),
               checkpoints_hash, inputs={"latents": "latents", "vae": "vae", "init": LATEST_GENERATOR},
@@ -90,8 +99,9 @@ STAGES: dict[str, StageSpec] = {spec.kind: spec for spec in (
 )}
 
 # The kinds `kiln run` chains, in order (the post-training ones only when listed in the config's post_training).
-# Every stage that trains the generator is followed by an eval stage; `features` serves `kiln compare-systems`.
-PIPELINE = ("data", "vae", "latents", "pretrain", "sft", "preference", "reward", "dpo", "grpo")
+# Every stage that trains the generator is followed by an eval stage. `features` runs for task captions (the
+# evaluation's FD features and alignment judge); on the synthetic task it serves `kiln compare-systems`.
+PIPELINE = ("data", "features", "vae", "latents", "pretrain", "sft", "preference", "reward", "dpo", "grpo")
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,8 @@ def pipeline_plan(cfg: KilnConfig) -> list[PlannedStage]:
     latest: dict[str, str | None] = {LATEST_GENERATOR: None}  # stage kind or role -> the name of its latest stage
     for kind in PIPELINE:
         if kind in POST_TRAINING_STAGES and kind not in cfg.post_training:
+            continue
+        if kind == "features" and cfg.task_kind != "captions":
             continue
         spec = STAGES[kind]
         instances = [(f"{kind}-{rung.resolution}", i) for i, rung in enumerate(cfg.train.rungs)] if spec.per_rung \

@@ -1,0 +1,87 @@
+"""Task captions (your own images): the config refuses the synthetic world's stages on real data before compute, and
+a real-data smoke run (48 Noto emoji from a package registry, tests/data/noto-emoji) runs every stage under Prefect
+with a held-out split no stage trains on, the contrastive scorer, and evaluations that pair across stages."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kiln.config import ConfigError, load_config
+
+EMOJI = Path(__file__).parent / "data" / "noto-emoji"
+SOURCE = f"data.sources=[{{kind: imagefolder, path: {EMOJI}, caption_column: text, category_column: category}}]"
+
+
+def test_the_task_follows_the_sources_and_refuses_what_it_cannot_judge():
+    assert load_config("smoke").task_kind == "synthetic"
+    assert load_config("smoke", [SOURCE, "post_training=[]"]).task_kind == "captions"
+    with pytest.raises(ConfigError) as error:  # the tiny preset's post-training on real images
+        load_config("tiny", [SOURCE])
+    assert "\n" not in str(error.value) and "post_training=[]" in str(error.value)
+    with pytest.raises(ConfigError, match="synthetic world's verifier cannot judge"):
+        load_config("smoke", [SOURCE, "task=synthetic", "post_training=[]"])
+
+
+def test_the_heldout_split_is_seeded_and_stable():
+    from data.curate import is_heldout
+
+    keys = [f"s0u0-{i:07d}" for i in range(4000)]
+    share = sum(is_heldout(k, 0, 0.1) for k in keys) / len(keys)
+    assert 0.08 < share < 0.12
+    assert [is_heldout(k, 0, 0.1) for k in keys] == [is_heldout(k, 0, 0.1) for k in keys]
+    assert [is_heldout(k, 0, 0.1) for k in keys] != [is_heldout(k, 1, 0.1) for k in keys]
+
+
+@pytest.fixture(scope="module")
+def emoji_run(prefect_harness, tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    root = tmp_path_factory.mktemp("runs")
+    overrides = [f"run_dir={root}", "experiment=kiln-captions", SOURCE, "post_training=[]",
+                 "data.heldout_fraction=0.25", "features.steps=60", "eval.prompts=[a red apple, grinning face]"]
+    return root / "emoji", pipeline(preset="smoke", overrides=overrides, run_name="emoji")
+
+
+def test_a_real_data_smoke_run_evaluates_on_images_no_stage_trained_on(emoji_run):
+    from data.shards import iter_samples
+
+    run, outputs = emoji_run
+    assert list(outputs) == ["data", "features", "vae", "latents", "pretrain-32", "eval-pretrain-32", "pretrain-64",
+                             "eval-pretrain-64"]
+    report = json.loads((run / "data" / "funnel_report.json").read_text())
+    assert report["conversions"]["transparency composited"] == report["seen"]  # every emoji has a transparent margin
+    train = {s["meta"]["source_key"] for s in iter_samples(run / "latents" / "shards", load_images=False)}
+    held = {s["meta"]["source_key"] for s in iter_samples(run / "latents" / "heldout", load_images=False)}
+    assert held and train and not held & train and len(held | train) == report["kept"]
+    features = json.loads((run / "features" / "manifest.json").read_text())["metrics"]
+    assert features["features/heldout_images"] == len(held)
+    for stage in ("eval-pretrain-32", "eval-pretrain-64"):
+        metrics = json.loads((run / stage / "manifest.json").read_text())["metrics"]
+        for name in ("heldout_loss", "frechet_distance", "frechet_distance_train_images", "alignment",
+                     "alignment_real_images", "alignment_other_caption"):
+            assert isinstance(metrics[f"eval/captions/{name}"], float), (stage, name)
+        assert metrics["eval/captions/generated"] == len(held)
+        assert not (run / stage / "samples" / "verifier.json").exists()  # no synthetic prompt was judged
+        assert (run / stage / "samples" / "prompts.png").exists()  # the user's validation prompts
+    gains = json.loads((run / "eval-pretrain-64" / "manifest.json").read_text())["metrics"]
+    low, gain, high = (gains[f"eval/gain/captions/alignment{s}"] for s in ("_low", "", "_high"))
+    assert low <= gain <= high
+    # Held-out loss pairs only within one resolution: pretrain-64's is over other images than pretrain-32's.
+    assert "eval/gain/captions/heldout_loss" not in gains
+
+
+def test_paired_gains_pair_captions_and_images_and_refuse_other_captions():
+    from stages.eval_captions import paired_gains
+
+    before = {"captions": [{"caption": f"c{i}", "alignment": 0.1 * (i % 3)} for i in range(30)],
+              "losses": [{"key": f"k{i}", "loss": 1.0 + 0.01 * i} for i in range(20)]}
+    after = {"captions": [{**r, "alignment": r["alignment"] + 0.2} for r in before["captions"]],
+             "losses": [{**r, "loss": r["loss"] - 0.5} for r in before["losses"]]}
+    gains = paired_gains(before, after)
+    assert gains["eval/gain/captions/alignment"] == pytest.approx(0.2)
+    assert gains["eval/gain/captions/alignment_low"] == pytest.approx(0.2)  # a constant gain: a zero-width interval
+    assert gains["eval/gain/captions/heldout_loss"] == pytest.approx(-0.5)
+    other = {**after, "captions": [{**r, "caption": "x"} for r in after["captions"]]}
+    with pytest.raises(ValueError, match="other captions"):
+        paired_gains(before, other)
