@@ -243,6 +243,11 @@ def inspect_record(record: dict, index: int, cfg, resolutions: list[int], ratios
     out.pixel_hash = int.from_bytes(hashlib.sha256(image.tobytes()).digest()[:8], "little")
     out.phash = perceptual_hash(image)
     meta = {"kind": out.category, "source_key": out.key, **out.stats}
+    if record.get("quality") is not None:  # a source's quality_column, for sft.select_by: quality
+        try:
+            meta["quality"] = float(record["quality"])
+        except (TypeError, ValueError):
+            pass  # not a number: the image has no quality score, so SFT never selects it
     if rendered:  # drawn for its resolution stage, in its bucket: no resizing, and the object boxes SFT reads
         resolution = rendered["resolution"]
         out.samples.append((image.size, out.key, png_bytes(image),

@@ -48,7 +48,7 @@ def _open(src, unit: str):
 
     if src.kind == "imagefolder" and _jsonl_listings(src, unit):
         rows = _JsonlFolder(_jsonl_listings(src, unit), src.image_column)
-        if [c for c in (src.caption_column, src.category_column) if c and c not in rows.columns]:
+        if [c for c in (src.caption_column, src.category_column, src.quality_column) if c and c not in rows.columns]:
             _missing(src, unit, rows.columns)
         return rows  # images are paths already
     if src.kind == "hub":
@@ -62,7 +62,7 @@ def _open(src, unit: str):
     else:
         ds = load_dataset(BUILDERS[src.kind], data_files=[unit], split="train", streaming=True)
     columns = list(ds.features or {})
-    needed = [c for c in (src.image_column, src.caption_column, src.category_column) if c]
+    needed = [c for c in (src.image_column, src.caption_column, src.category_column, src.quality_column) if c]
     missing = [c for c in needed if columns and c not in columns]
     if missing:
         _missing(src, unit, columns)
@@ -72,7 +72,8 @@ def _open(src, unit: str):
 
 
 def _missing(src, unit: str, columns: list[str]):
-    missing = [c for c in (src.image_column, src.caption_column, src.category_column) if c and c not in columns]
+    missing = [c for c in (src.image_column, src.caption_column, src.category_column, src.quality_column)
+               if c and c not in columns]
     raise MissingColumn(f"data source {unit}: no column {', '.join(repr(c) for c in missing)} "
                         f"(columns: {', '.join(columns)}); set image_column / caption_column / category_column")
 
@@ -154,6 +155,7 @@ def iter_unit(src, unit: str, tag: str) -> Iterator[dict]:
         yield {"key": f"{tag}-{i:07d}", **_image_fields(row[src.image_column]),
                "caption": row.get(src.caption_column), "source": unit,
                "category": str(row.get(src.category_column)) if src.category_column else None,
+               **({"quality": row.get(src.quality_column)} if src.quality_column else {}),
                **({"error": row["error"]} if row.get("error") else {})}
 
 

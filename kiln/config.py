@@ -41,6 +41,7 @@ class SourceConfig(Strict):
     image_column: str = "image"
     caption_column: str = "caption"
     category_column: str | None = None  # what rebalancing balances (e.g. a scene-type column)
+    quality_column: str | None = None  # a numeric score per image (higher: better), for sft.select_by: quality
     weight: float = Field(1.0, gt=0)  # share of the mixed stream
     # Operator thresholds of data.funnel overridden for this source's records (names: SOURCE_THRESHOLDS). A synthetic
     # source starts from SYNTHETIC_THRESHOLDS.
@@ -361,12 +362,17 @@ class SftConfig(Strict):
     balance_kinds: bool = True
     # The scene kinds SFT trains on: the metric it targets (count and relation scenes for counts and relations).
     kinds: list[Literal["single", "count", "relation"]] = Field(["single", "count", "relation"], min_length=1)
+    # Task captions: the top_fraction of training images by a score the funnel computed (clarity, entropy,
+    # saturation, luma) or by your own column (quality: a source's quality_column; higher is better).
+    select_by: Literal["clarity", "entropy", "saturation", "luma", "quality"] = "clarity"
+    top_fraction: float = Field(0.3, gt=0, le=1)
 
 
 class PreferenceConfig(Strict):
     """Preference pairs: K samples per prompt from the current model, best vs worst by the judge; or loaded pairs."""
 
-    judge: Literal["verifier", "reward_model"] = "verifier"
+    # auto: the verifier on task synthetic, alignment (the features stage's contrastive scorer) on task captions.
+    judge: Literal["auto", "verifier", "reward_model", "alignment"] = "auto"
     reward_model: str | None = None  # a reward stage output folder, for judge: reward_model
     # Pairs with human labels in Pick-a-Pic's layout (a parquet file, a folder datasets can load, or a hub id);
     # when set, nothing is sampled and the judge is the labels.
@@ -424,7 +430,9 @@ class GrpoConfig(Strict):
 
     # verifier: the fraction of checks passed; verifier_dense: the same checks with partial credit (a count one off
     # scores above one far off), which gives a group of near misses an advantage to climb.
-    reward: Literal["verifier", "verifier_dense", "reward_model", "weighted"] = "verifier_dense"
+    # auto: verifier_dense on task synthetic; on task captions the learned reward model, so that the held-out
+    # alignment the probe and the eval measure comes from a scorer GRPO does not optimise (the reward-hacking guard).
+    reward: Literal["auto", "verifier", "verifier_dense", "reward_model", "alignment", "weighted"] = "auto"
     reward_model: str | None = None  # a reward stage output folder; the pipeline passes its own
     reward_weights: dict[str, float] = {"verifier": 1.0, "reward_model": 1.0}  # for reward: weighted
     num_generations: int = Field(8, ge=2)  # group size G: images per prompt
@@ -463,10 +471,10 @@ class GrpoConfig(Strict):
     @field_validator("reward_weights")
     @classmethod
     def _known_rewards(cls, weights: dict[str, float]) -> dict[str, float]:
-        unknown = set(weights) - {"verifier", "verifier_dense", "reward_model"}
+        unknown = set(weights) - {"verifier", "verifier_dense", "reward_model", "alignment"}
         if unknown:
-            raise ValueError(f"unknown reward(s) {sorted(unknown)}, expected some of 'verifier', 'verifier_dense' "
-                             f"and 'reward_model'")
+            raise ValueError(f"unknown reward(s) {sorted(unknown)}, expected some of 'verifier', 'verifier_dense', "
+                             f"'reward_model' and 'alignment'")
         return weights
 
     @model_validator(mode="after")
@@ -494,9 +502,9 @@ class LoraSettings(Strict):
 
 
 TASKS = ("synthetic", "captions")
-# Post-training stages built for each task so far: preference, reward, DPO and GRPO judge images with the synthetic
-# world's verifier and prompts.
-TASK_POST_TRAINING = {"synthetic": POST_TRAINING_STAGES, "captions": ()}
+# Post-training stages built for each task.
+TASK_POST_TRAINING = {"synthetic": POST_TRAINING_STAGES, "captions": POST_TRAINING_STAGES}
+SYNTHETIC_SCORES = ("verifier", "verifier_dense")  # judge an image by the synthetic grammar
 
 
 class KilnConfig(Strict):
@@ -566,6 +574,15 @@ class KilnConfig(Strict):
                 raise ValueError(f"train.rungs resolution {rung.resolution} must be a multiple of {multiple}")
         if self.eval.resolution and self.eval.resolution % multiple:
             raise ValueError(f"eval.resolution {self.eval.resolution} must be a multiple of {multiple}")
+        if self.vae.pretrained is None:  # the vae stage trains on crops of every bucket's images
+            from data.buckets import buckets_for
+
+            smallest = min(min(size) for rung in self.train.rungs
+                           for size in buckets_for(rung.resolution, self.data.aspect_ratios, multiple))
+            if self.vae.train.crop > smallest:
+                raise ValueError(f"vae.train.crop {self.vae.train.crop} is larger than the smallest image side "
+                                 f"{smallest} (the buckets of train.rungs and data.aspect_ratios): lower it or the "
+                                 f"rungs")
         world = self.distributed.world_size
         for what, size in [*((f"train.rungs resolution {r.resolution}", r.batch_size) for r in self.train.rungs),
                            ("sft", self.sft.batch_size)]:
@@ -585,8 +602,7 @@ class KilnConfig(Strict):
         needs_flow = [stage for stage in ("preference", "dpo", "grpo") if stage in post]
         if needs_flow and self.objective.kind != "flow":
             raise ValueError(f"post_training {needs_flow} need objective.kind flow (got {self.objective.kind!r})")
-        uses_model = self.grpo.reward == "reward_model" or (
-            self.grpo.reward == "weighted" and self.grpo.reward_weights.get("reward_model", 0) != 0)
+        uses_model = "reward_model" in self.grpo_reward_weights()
         if "grpo" in post and uses_model and "reward" not in post and not self.grpo.reward_model:
             raise ValueError(f"grpo.reward {self.grpo.reward!r} needs the reward stage or grpo.reward_model")
         # A post-training stage left out of post_training may stay listed (`--set 'post_training=[]'`): it never runs.
@@ -615,9 +631,33 @@ class KilnConfig(Strict):
                              f"verifier cannot judge; use task captions (or auto)")
         unbuilt = [stage for stage in self.post_training if stage not in TASK_POST_TRAINING[task]]
         if unbuilt:
-            raise ValueError(f"task {task}: post_training {unbuilt} judge images with the synthetic world's verifier "
-                             f"and prompts and are not built for captioned images yet; run --set "
+            raise ValueError(f"task {task}: post_training {unbuilt} are not built for it; run --set "
                              f"'post_training=[]'")
+        if task == "captions":
+            post = self.post_training
+            judged = "preference" in post and not self.preference.dataset
+            if judged and self.preference_judge() in SYNTHETIC_SCORES:
+                raise ValueError(f"task captions: preference.judge {self.preference.judge} reads the synthetic grammar;"
+                                 f" use alignment or reward_model")
+            synthetic = [name for name in self.grpo_reward_weights() if name in SYNTHETIC_SCORES]
+            if "grpo" in post and synthetic:
+                raise ValueError(f"task captions: grpo.reward {synthetic} reads the synthetic grammar; use "
+                                 f"reward_model or alignment")
+
+    def preference_judge(self) -> str:
+        """preference.judge with auto resolved by the task."""
+        if self.preference.judge != "auto":
+            return self.preference.judge
+        return "verifier" if self.task_kind == "synthetic" else "alignment"
+
+    def grpo_reward_weights(self) -> dict[str, float]:
+        """GRPO's reward components and weights, grpo.reward auto resolved by the task."""
+        kind = self.grpo.reward
+        if kind == "weighted":
+            return {name: w for name, w in self.grpo.reward_weights.items() if w != 0}
+        if kind == "auto":
+            kind = "verifier_dense" if self.task_kind == "synthetic" else "reward_model"
+        return {kind: 1.0}
 
     def digest(self, section: str | None = None) -> str:
         """A stable hash of the whole config or one section (used in cache keys)."""

@@ -68,3 +68,30 @@ def retrieval_accuracy(scorer: ContrastiveScorer, images: torch.Tensor, text, ma
     image_vectors = torch.cat([scorer.image_vectors(images[i:i + 64]) for i in range(0, len(images), 64)])
     nearest = (image_vectors @ scorer.text_vectors(text, mask).T).argmax(1).tolist()  # (N,) caption index
     return sum(captions[j] == caption for j, caption in zip(nearest, captions)) / len(captions)
+
+
+def alignment_scorer(cfg, features_dir, device="cpu"):
+    """score(images (PIL list or (B, 3, H, W) in [-1, 1]), captions) -> (B,) cosine on a features stage's
+    contrastive scorer, the captions embedded by the frozen text encoder."""
+    from pathlib import Path
+
+    from kiln.features import load_feature_net
+    from kiln.images import image_tensor
+    from kiln.text_encoder import text_encoder_for
+
+    if features_dir is None:
+        raise ValueError("alignment: needs the features stage's contrastive scorer (task captions)")
+    scorer = load_feature_net(Path(features_dir), device)
+    if not isinstance(scorer, ContrastiveScorer):
+        raise ValueError(f"alignment: {features_dir} holds a synthetic-scene classifier, not a contrastive scorer")
+    encoder = text_encoder_for(cfg, device)
+
+    @torch.no_grad()
+    def score(images, captions: list[str]) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack([image_tensor(image) for image in images])
+        text, mask = encoder(captions)
+        vectors = scorer.image_vectors(images.to(device).float())
+        return (vectors * scorer.text_vectors(text, mask)).sum(-1).float().cpu()
+
+    return score

@@ -46,6 +46,21 @@ class FeatureNet(nn.Module):
         return loss, right.float().mean()
 
 
+def load_feature_net(features_dir, device="cpu") -> nn.Module:
+    """A features stage's output folder -> its trained network (eval mode, frozen): a FeatureNet (task synthetic) or
+    a kiln.contrastive.ContrastiveScorer (task captions)."""
+    from data.labels import LABEL_SIZES
+    from kiln.checkpoint import load_network
+    from kiln.contrastive import ContrastiveScorer
+
+    def build(arch: dict) -> nn.Module:
+        if arch.get("kind") == "contrastive":
+            return ContrastiveScorer(arch["text_dim"], arch["dim"])
+        return FeatureNet(arch["dim"], *LABEL_SIZES)
+
+    return load_network(features_dir, "feature_net", build, "features", device)
+
+
 @torch.no_grad()
 def features_of(net: FeatureNet, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     """(N, 3, H, W) in [-1, 1] -> (N, dim) float64 features."""

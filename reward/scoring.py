@@ -3,7 +3,8 @@ alignment check, the preference stage's judge and the GRPO reward.
 
 A scorer combines named components with weights: `verifier` (reward/verifier.py: the fraction of the caption's
 checks the image passes), `verifier_dense` (the same checks with partial credit, reward/verifier.py's
-partial_score) and `reward_model` (the learned reward model a reward stage trained, loaded once).
+partial_score), `reward_model` (the learned reward model a reward stage trained, loaded once) and `alignment` (the
+cosine of image and caption on a features stage's contrastive scorer, task captions).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from kiln.images import image_tensor
 from kiln.text_encoder import text_encoder_for
 from reward.model import RewardModel, load_reward_model
 
-COMPONENTS = ("verifier", "verifier_dense", "reward_model")
+COMPONENTS = ("verifier", "verifier_dense", "reward_model", "alignment")
 
 
 def reward_scores(cfg, model: RewardModel, images, captions: list[str], device) -> torch.Tensor:
@@ -28,10 +29,11 @@ def reward_scores(cfg, model: RewardModel, images, captions: list[str], device) 
     return model(images.to(device), text, mask)
 
 
-def make_scorer(cfg, weights: dict[str, float], reward_model: Path | str | None, device):
+def make_scorer(cfg, weights: dict[str, float], reward_model: Path | str | None, device, features=None):
     """score(images, captions) -> (total (B,), {component: (B,)}), total = the weighted sum of the components named
     in `weights`. images: PIL images or a (B, 3, H, W) tensor in [-1, 1]; reward_model: a reward stage's output
-    folder, needed when weights name 'reward_model'. Scores are float32 on the CPU."""
+    folder, needed when weights name 'reward_model'; features: a features stage's output folder, needed for
+    'alignment'. Scores are float32 on the CPU."""
     unknown = set(weights) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"scorer: unknown component(s) {sorted(unknown)}, expected some of {list(COMPONENTS)}")
@@ -40,6 +42,11 @@ def make_scorer(cfg, weights: dict[str, float], reward_model: Path | str | None,
         if reward_model is None:
             raise ValueError("scorer: the 'reward_model' component needs a reward stage output folder")
         model = load_reward_model(Path(reward_model), device)
+    aligned = None
+    if "alignment" in weights:
+        from kiln.contrastive import alignment_scorer
+
+        aligned = alignment_scorer(cfg, features, device)
 
     @torch.no_grad()
     def score(images, captions: list[str]):
@@ -53,6 +60,8 @@ def make_scorer(cfg, weights: dict[str, float], reward_model: Path | str | None,
             parts[name] = torch.tensor([check(image, text) for image, text in zip(pil, captions)])
         if model is not None:
             parts["reward_model"] = reward_scores(cfg, model, images, captions, device).float().cpu()
+        if aligned is not None:
+            parts["alignment"] = aligned(images, captions)
         total = sum(weights[name] * value for name, value in parts.items())
         return total, parts
 

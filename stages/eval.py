@@ -173,7 +173,7 @@ def frechet_distances(cfg, features_dir: Path, prompts, images, resolution: int,
     renders of each of the same prompts (seeded, so every evaluation compares against the same real set)."""
     from kiln.features import features_of, frechet_distance
     from kiln.images import image_tensor
-    from stages.features import load_feature_net
+    from kiln.features import load_feature_net
 
     net = load_feature_net(features_dir, device)
     rng = random.Random(cfg.eval.seed)

@@ -32,7 +32,8 @@ from kiln.generate import image_grid
 from kiln.images import image_tensor
 from kiln.stats import paired_bootstrap_ci
 from stages.common import write_json
-from stages.features import load_feature_net, one_per_image, padded_text
+from kiln.features import load_feature_net
+from stages.features import one_per_image, padded_text
 from stages.sampling import generate_for_captions
 
 ROWS = "captions_eval.json"  # samples/ROWS: per-caption and per-image scores, what the next stage pairs against

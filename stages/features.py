@@ -17,23 +17,13 @@ import torch
 from data.labels import LABEL_SIZES, scene_labels
 from data.shards import iter_samples
 from data.synthetic import parse_caption
-from kiln.checkpoint import load_network, save_network
+from kiln.checkpoint import save_network
 from kiln.contrastive import ContrastiveScorer, alignment, retrieval_accuracy
-from kiln.features import SIZE, FeatureNet
+from kiln.features import SIZE, FeatureNet, load_feature_net  # noqa: F401 - the stage's loader
 from kiln.images import image_tensor
 from kiln.stage_io import StageResult, hash_files
 from kiln.trainer import Schedule, Trainer
 from stages.common import pick_device
-
-
-def load_feature_net(features_dir: Path, device="cpu"):
-    """A features stage's output folder -> the trained FeatureNet or ContrastiveScorer (eval mode, frozen)."""
-    def build(arch: dict):
-        if arch.get("kind") == "contrastive":
-            return ContrastiveScorer(arch["text_dim"], arch["dim"])
-        return FeatureNet(arch["dim"], *LABEL_SIZES)
-
-    return load_network(features_dir, "feature_net", build, "features", device)
 
 
 def padded_text(samples: list[dict], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,10 +36,10 @@ def padded_text(samples: list[dict], length: int) -> tuple[torch.Tensor, torch.T
     return text, mask
 
 
-def one_per_image(shard_dir: Path) -> list[dict]:
+def one_per_image(shard_dir: Path, load_images: bool = True) -> list[dict]:
     """Each curated image once (its first, smallest-resolution sample): shards hold one sample per rung it fills."""
     seen, out = set(), []
-    for sample in iter_samples(shard_dir, load_images=True):
+    for sample in iter_samples(shard_dir, load_images=load_images):
         if sample["meta"].get("source_key") not in seen:
             seen.add(sample["meta"].get("source_key"))
             out.append(sample)

@@ -9,8 +9,10 @@ all equal (no signal); then re-evaluate the window's log-probs under the current
 surrogate plus beta * KL to the reference (kiln/grpo.py `window_step_losses`), one optimizer step per sampled batch
 and pass. The first pass over a fresh rollout is on-policy: its importance ratio is exactly 1 (logged as
 `ratio_dev`). Only training compositions are ever sampled; `heldout_prompts` held-out ones are drawn with the ODE
-sampler from fixed noise after every step and scored by the verifier, with the KL to the reference, so the log shows
-whether the policy learns or drifts.
+sampler from fixed noise after every step and scored by the task (the verifier; on task captions the contrastive
+scorer's alignment, which the learned reward GRPO optimises is not), with the KL to the reference, so the log shows
+whether the policy learns or drifts. Prompts come from the task (stages/tasks.py): the grammar's training
+compositions, or the captions of the curated training split.
 
 Under torchrun each of N processes samples and scores the groups of prompts_per_step / N prompts (a group never
 spans processes, so advantages stay per group) with its own noise stream, seeded per step and rank so a resumed
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from data.synthetic import KINDS, caption, eval_prompts, make_holdout
+from data.synthetic import KINDS
 from kiln import distributed, seeding
 from kiln.checkpoint import resolve_checkpoint
 from kiln.diffusion import Denoiser, make_process
@@ -38,45 +40,32 @@ from kiln.stage_io import StageResult, hash_files
 from kiln.text_encoder import text_encoder_for
 from kiln.vae import decode_latents, vae_for
 from reward.scoring import make_scorer
-from reward.verifier import verify
 from stages.common import training_device
 from stages.policy import policy_trainer
-from stages.preference import training_captions
+from stages.tasks import task_for
 
 # Sampling rounds per step before a step trains on groups without signal (at zero advantage): every rank runs the
 # same number of rounds, because the decision is taken on the count summed over ranks.
 MAX_ROUNDS = 4
 
 
-def reward_weights(cfg) -> dict[str, float]:
-    """The reward's components and their weights."""
-    kind = cfg.grpo.reward
-    if kind == "weighted":
-        return {name: w for name, w in cfg.grpo.reward_weights.items() if w != 0}
-    return {kind: 1.0}
-
-
-def make_reward(cfg, reward_dir: Path | None, device):
+def make_reward(cfg, inputs: dict, device):
     """reward(images (B, 3, H, W) in [-1, 1], captions) -> (total (B,), {component: (B,)})."""
-    weights = reward_weights(cfg)
-    path = cfg.grpo.reward_model or reward_dir
+    weights = cfg.grpo_reward_weights()
+    path = cfg.grpo.reward_model or inputs.get("reward")
     if "reward_model" in weights and path is None:
         raise ValueError("grpo: the reward uses the reward model but there is no reward stage output "
                          "(run the reward stage or set grpo.reward_model)")
-    return make_scorer(cfg, weights, path, device)
+    return make_scorer(cfg, weights, path, device, features=inputs.get("features"))
 
 
-def heldout_probe(cfg, encoder, vae, null, resolution: int, device):
-    """probe(policy) -> {"heldout_correct", "heldout_score"}: the verifier on `grpo.heldout_prompts` held-out prompts
-    of the trained kinds, drawn with the eval sampler and CFG from noise fixed for the whole stage."""
+def heldout_probe(cfg, task, encoder, vae, null, resolution: int, device):
+    """probe(policy) -> the task's probe scores (synthetic: the verifier's heldout_correct and heldout_score; captions:
+    heldout_score, the contrastive scorer's alignment) on `grpo.heldout_prompts` held-out prompts (of the trained
+    kinds), drawn with the eval sampler and CFG from noise fixed for the whole stage."""
     gcfg, ecfg = cfg.grpo, cfg.eval
-    kinds = [k for k in KINDS if k in gcfg.prompt_kinds]
-    per_kind = -(-gcfg.heldout_prompts // len(kinds))
     seed = seeding.grpo_probe(gcfg.seed)
-    rng = random.Random(seed)
-    specs = [s for s in eval_prompts(make_holdout(cfg.data.holdout_seed), "heldout", per_kind, gcfg.seed)
-             if s.kind in kinds][:gcfg.heldout_prompts]
-    captions = [caption(spec, rng) for spec in specs]
+    captions = task.heldout_prompts(gcfg.heldout_prompts, gcfg.seed, gcfg.prompt_kinds)
     text, mask = encoder(captions)
 
     @torch.no_grad()
@@ -84,9 +73,7 @@ def heldout_probe(cfg, encoder, vae, null, resolution: int, device):
         latents = generate_latents(policy, text, mask, *null, height=resolution, width=resolution,
                                    vae_factor=vae_factor(cfg.vae), steps=gcfg.num_inference_steps, cfg=ecfg.cfg,
                                    sched=cfg.scheduler, generator=torch.Generator(device=device).manual_seed(seed))
-        verdicts = [verify(image, c) for image, c in zip(to_pil(decode_latents(vae, latents)), captions)]
-        return {"heldout_correct": sum(v.correct for v in verdicts) / len(verdicts),
-                "heldout_score": sum(sum(v.checks()) / len(v.checks()) for v in verdicts) / len(verdicts)}
+        return task.probe_scores(to_pil(decode_latents(vae, latents)), captions)
 
     return probe
 
@@ -111,10 +98,11 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     trainer.start()
     vae = vae_for(cfg, Path(inputs["vae"]), device)
     encoder = text_encoder_for(cfg, device)
-    reward = make_reward(cfg, inputs.get("reward"), device)
+    reward = make_reward(cfg, inputs, device)
+    task = task_for(cfg, inputs, device)
     null_text, null_mask = encoder([cfg.sampler.negative_prompt])  # (1, L0, D)
-    probe = heldout_probe(cfg, encoder, vae, (null_text, null_mask), resolution, device) if gcfg.heldout_prompts \
-        else None
+    probe = heldout_probe(cfg, task, encoder, vae, (null_text, null_mask), resolution, device) \
+        if gcfg.heldout_prompts else None
 
     h = w = resolution // vae_factor(cfg.vae)
     grid = token_grid(h, w)
@@ -164,13 +152,13 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
             probed = {} if probe is None else probe(trainer.model)
             rewards, kinds, kept = [], [], 0
             for rounds in range(1, MAX_ROUNDS + 1):
-                drawn = training_captions(cfg, gcfg.prompts_per_step, step_rng.randrange(2**31), gcfg.prompt_kinds)
+                drawn = task.training_prompts(gcfg.prompts_per_step, step_rng.randrange(2**31), gcfg.prompt_kinds)
                 if ranks.distributed:
                     share = gcfg.prompts_per_step // ranks.world_size
                     drawn = drawn[ranks.rank * share:(ranks.rank + 1) * share]
                 batch = rollout([c for _, c in drawn], step_rng)
                 rewards.append(batch["rewards"])
-                kinds += [KINDS.index(kind) for kind, _ in drawn for _ in range(group)]
+                kinds += [KINDS.index(kind) if kind in KINDS else -1 for kind, _ in drawn for _ in range(group)]
                 kept = int(distributed.mean_across(batch["keep"].sum().float()).item() * ranks.world_size)
                 if kept:
                     break

@@ -1,8 +1,9 @@
 """Preference stage: build (caption, chosen, rejected, scores) pairs for the reward and DPO stages.
 
-Default: for each of `preference.prompts` training prompts (never a held-out composition), sample K images from the
-current model with different noise, score each with the judge (the programmatic verifier, or a learned reward
-model), and keep the best against the worst where their scores differ. Alternatively load human-labelled pairs in
+Default: for each of `preference.prompts` training prompts from the task (stages/tasks.py: never a held-out
+composition, or captions of the curated training split), sample K images from the current model with different
+noise, score each with the judge (the programmatic verifier, a learned reward model, or on task captions the
+features stage's contrastive scorer), and keep the best against the worst where their scores differ. Alternatively load human-labelled pairs in
 Pick-a-Pic's layout (caption, jpg_0, jpg_1, label_0) through Hugging Face `datasets`.
 
 Pairs are shards (one bucket: the evaluated resolution), one record per prompt: the chosen and rejected VAE latents
@@ -14,7 +15,6 @@ the chosen and rejected scores.
 from __future__ import annotations
 
 import io
-import random
 from pathlib import Path
 
 import torch
@@ -22,7 +22,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data.shards import ShardWriter, read_manifest
-from data.synthetic import KINDS, caption, make_holdout, sample_spec
 from kiln.generate import generate_latents, to_pil, to_uint8
 from kiln.geometry import vae_factor
 from kiln.images import image_tensor
@@ -32,40 +31,30 @@ from kiln.vae import decode_latents, encode_images, vae_for
 from reward.scoring import make_scorer
 from stages.common import pick_device, save_uncond
 from stages.sampling import load_stage
+from stages.tasks import task_for
 
 
-def training_captions(cfg, n: int, seed: int, kinds=KINDS) -> list[tuple[str, str]]:
-    """n (kind, caption) training prompts, kinds in turn (single, count, relation, ...): no held-out pair/triple."""
-    holdout = make_holdout(cfg.data.holdout_seed)
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        spec = sample_spec(rng, holdout, "train", kinds[i % len(kinds)])
-        out.append((spec.kind, caption(spec, rng)))
-    return out
-
-
-def make_judge(cfg, device):
+def make_judge(cfg, inputs: dict, device):
     """judge(images: list of PIL, captions) -> scores in the judge's units: the verifier's fraction of checks
-    passed, or the learned reward model's output (loaded once)."""
-    pcfg = cfg.preference
-    if pcfg.judge == "reward_model" and not pcfg.reward_model:
+    passed, the learned reward model's output, or the contrastive scorer's alignment (loaded once)."""
+    pcfg, judge = cfg.preference, cfg.preference_judge()
+    if judge == "reward_model" and not pcfg.reward_model:
         raise ValueError("preference: judge 'reward_model' needs preference.reward_model (a reward stage output)")
-    score = make_scorer(cfg, {pcfg.judge: 1.0}, pcfg.reward_model, device)
+    score = make_scorer(cfg, {judge: 1.0}, pcfg.reward_model, device, features=inputs.get("features"))
     return lambda images, captions: score(images, captions)[0].tolist()
 
 
 @torch.no_grad()
-def sample_pairs(cfg, model, vae, resolution: int, device):
+def sample_pairs(cfg, inputs: dict, model, vae, resolution: int, device):
     """Yield one record per prompt whose best and worst samples' scores differ by at least
     preference.min_score_gap (and by something): (kind, caption, chosen latents (C, h, w), rejected latents, all K
     images uint8 (K, 3, H, W), all K scores (K,))."""
     pcfg = cfg.preference
     encoder = text_encoder_for(cfg, device)
-    judge = make_judge(cfg, device)
+    judge = make_judge(cfg, inputs, device)
     null_text, null_mask = encoder([cfg.sampler.negative_prompt])
     generator = torch.Generator(device=device).manual_seed(pcfg.seed)
-    prompts = training_captions(cfg, pcfg.prompts, pcfg.seed, pcfg.kinds)
+    prompts = task_for(cfg, inputs, device).training_prompts(pcfg.prompts, pcfg.seed, pcfg.kinds)
     k = pcfg.samples_per_prompt
     per_batch = max(1, pcfg.batch_size // k)  # prompts per sampling batch; each prompt's K samples stay together
     for start in tqdm(range(0, len(prompts), per_batch), desc="preference", unit="batch"):
@@ -148,7 +137,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     vae = vae_for(cfg, vae_dir, device)
     resolution = cfg.eval.resolution or meta.get("resolution") or cfg.train.rungs[-1].resolution
     pairs = labelled_pairs(cfg, vae, resolution, device) if cfg.preference.dataset else \
-        sample_pairs(cfg, model, vae, resolution, device)
+        sample_pairs(cfg, inputs, model, vae, resolution, device)
     encoder = text_encoder_for(cfg, device)
     n, gaps, chosen_scores, kinds = 0, 0.0, 0.0, {}
     with ShardWriter(out_dir / "shards", max_samples_per_shard=cfg.data.max_samples_per_shard) as writer:

@@ -37,10 +37,10 @@ def _records(pairs_dir: Path):
     return images, scores, [(s["text_emb"].float(), s["text_mask"].bool()) for s in samples]
 
 
-def data_records(data_dir: Path, resolution: int, n: int, seed: int):
+def data_records(data_dir: Path, resolution: int, n: int, seed: int, synthetic: bool = True):
     """Up to n records (images uint8 (n, 2, 3, H, W), scores (n, 2), [(text_emb, text_mask)]) from the data stage's square
-    images at `resolution`: each caption's own image and the next sample's image, scored by the verifier; pairs
-    the verifier cannot order are dropped."""
+    images at `resolution`: each caption's own image and the next sample's image, scored by the verifier (pairs it
+    cannot order are dropped); for captioned images (synthetic False) the caption's own image is the better one."""
     from reward.verifier import score
 
     samples = []
@@ -54,7 +54,8 @@ def data_records(data_dir: Path, resolution: int, n: int, seed: int):
     images, scores, texts = [], [], []
     for a, b in zip(order, order[1:] + order[:1]):
         own, other = samples[a], samples[b]
-        pair_scores = torch.tensor([score(own["image"], own["caption"]), score(other["image"], own["caption"])])
+        pair_scores = torch.tensor([score(own["image"], own["caption"]), score(other["image"], own["caption"])]) \
+            if synthetic else torch.tensor([1.0, float(other["caption"] == own["caption"])])
         if pair_scores[0] == pair_scores[1]:
             continue
         images.append(torch.stack([torch.from_numpy(np.array(s["image"].convert("RGB"))).permute(2, 0, 1)
@@ -92,7 +93,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     if rcfg.data_pairs:
         if not inputs.get("data"):
             raise ValueError("reward: reward.data_pairs needs the data stage's output as input 'data'")
-        extra = data_records(Path(inputs["data"]), images.shape[-1], rcfg.data_pairs, cfg.seed)
+        extra = data_records(Path(inputs["data"]), images.shape[-1], rcfg.data_pairs, cfg.seed,
+                             synthetic=cfg.task_kind == "synthetic")
         n_data = extra[0].shape[0]
         # Data records hold 2 images; they go after the generated records in the same K slots, the unused slots
         # scored NaN (NaN compares false, so those slots are never paired).

@@ -2,7 +2,8 @@
 
 For the synthetic source "high quality" means clean, centred and well separated: every object's bounding square
 lies inside the image's central region and objects keep a wide gap, with single, count and relation scenes in
-equal numbers. The subset is written as shards of its own (the same latents, no re-encoding) and trained with the
+equal numbers. For your own images (task captions) it is the top sft.top_fraction by a score the funnel computed
+(sft.select_by: clarity, entropy, saturation, luma) or by your own column (quality: the source's quality_column). The subset is written as shards of its own (the same latents, no re-encoding) and trained with the
 pretrain rung's model and loss step (kiln/trainer.py's loop) at the last rung's resolution, a lower learning rate, starting from that rung's weights.
 """
 
@@ -50,6 +51,17 @@ def select(metas, scfg, seed: int) -> set[str]:
     return {key for keys in by_kind.values() for key in keys}
 
 
+def select_top(metas, scfg) -> set[str]:
+    """Task captions: keys of the top sft.top_fraction of (key, meta) pairs by meta[sft.select_by] (a score the
+    funnel computed, or a source's quality column); samples without the score are never chosen."""
+    scored = sorted(((meta[scfg.select_by], key) for key, meta in metas if meta.get(scfg.select_by) is not None),
+                    reverse=True)
+    if not scored:
+        raise ValueError(f"sft: no sample has a {scfg.select_by!r} score (for quality: set the source's "
+                         f"quality_column)")
+    return {key for _, key in scored[:max(1, round(scfg.top_fraction * len(metas)))]}
+
+
 def write_subset(cfg, latents_dir: Path, out_dir: Path) -> dict:
     """Write the curated subset of the latents shards at the last rung's resolution to out_dir/shards. Two
     streaming passes (choose keys from the metadata, then copy), so memory does not grow with the dataset."""
@@ -58,7 +70,7 @@ def write_subset(cfg, latents_dir: Path, out_dir: Path) -> dict:
     available = set(read_manifest(latents_dir / "shards")["buckets"])
     buckets = [b for b in buckets if f"{b[0]}x{b[1]}" in available]
     metas = [(s["key"], s["meta"]) for s in iter_samples(latents_dir / "shards", buckets=buckets, load_images=False)]
-    chosen = select(metas, cfg.sft, cfg.seed)
+    chosen = select_top(metas, cfg.sft) if cfg.task_kind == "captions" else select(metas, cfg.sft, cfg.seed)
     if len(chosen) < cfg.sft.batch_size:
         raise ValueError(f"sft: only {len(chosen)} of {len(metas)} samples at {resolution}px pass curation "
                          f"(sft.centre_margin={cfg.sft.centre_margin}, sft.min_gap={cfg.sft.min_gap}), fewer than "

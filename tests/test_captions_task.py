@@ -16,9 +16,12 @@ SOURCE = f"data.sources=[{{kind: imagefolder, path: {EMOJI}, caption_column: tex
 def test_the_task_follows_the_sources_and_refuses_what_it_cannot_judge():
     assert load_config("smoke").task_kind == "synthetic"
     assert load_config("smoke", [SOURCE, "post_training=[]"]).task_kind == "captions"
-    with pytest.raises(ConfigError) as error:  # the tiny preset's post-training on real images
-        load_config("tiny", [SOURCE])
-    assert "\n" not in str(error.value) and "post_training=[]" in str(error.value)
+    real = load_config("tiny", [SOURCE])  # the judges resolve to the captions task's own
+    assert (real.preference_judge(), real.grpo_reward_weights()) == ("alignment", {"reward_model": 1.0})
+    for option in ("preference.judge=verifier", "grpo.reward=verifier_dense"):
+        with pytest.raises(ConfigError) as error:
+            load_config("tiny", [SOURCE, option])
+        assert "\n" not in str(error.value) and "reads the synthetic grammar" in str(error.value)
     with pytest.raises(ConfigError, match="synthetic world's verifier cannot judge"):
         load_config("smoke", [SOURCE, "task=synthetic", "post_training=[]"])
 
@@ -38,8 +41,8 @@ def emoji_run(prefect_harness, tmp_path_factory):
     from flows.pipeline import pipeline
 
     root = tmp_path_factory.mktemp("runs")
-    overrides = [f"run_dir={root}", "experiment=kiln-captions", SOURCE, "post_training=[]",
-                 "data.heldout_fraction=0.25", "features.steps=60", "eval.prompts=[a red apple, grinning face]"]
+    overrides = [f"run_dir={root}", "experiment=kiln-captions", SOURCE, "data.heldout_fraction=0.25",
+                 "features.steps=60", "eval.prompts=[a red apple, grinning face]", "reward.data_pairs=16"]
     return root / "emoji", pipeline(preset="smoke", overrides=overrides, run_name="emoji")
 
 
@@ -48,7 +51,8 @@ def test_a_real_data_smoke_run_evaluates_on_images_no_stage_trained_on(emoji_run
 
     run, outputs = emoji_run
     assert list(outputs) == ["data", "features", "vae", "latents", "pretrain-32", "eval-pretrain-32", "pretrain-64",
-                             "eval-pretrain-64"]
+                             "eval-pretrain-64", "sft", "eval-sft", "preference", "reward", "dpo", "eval-dpo", "grpo",
+                             "eval-grpo"]
     report = json.loads((run / "data" / "funnel_report.json").read_text())
     assert report["conversions"]["transparency composited"] == report["seen"]  # every emoji has a transparent margin
     train = {s["meta"]["source_key"] for s in iter_samples(run / "latents" / "shards", load_images=False)}
@@ -56,7 +60,7 @@ def test_a_real_data_smoke_run_evaluates_on_images_no_stage_trained_on(emoji_run
     assert held and train and not held & train and len(held | train) == report["kept"]
     features = json.loads((run / "features" / "manifest.json").read_text())["metrics"]
     assert features["features/heldout_images"] == len(held)
-    for stage in ("eval-pretrain-32", "eval-pretrain-64"):
+    for stage in ("eval-pretrain-32", "eval-pretrain-64", "eval-sft", "eval-dpo", "eval-grpo"):
         metrics = json.loads((run / stage / "manifest.json").read_text())["metrics"]
         for name in ("heldout_loss", "frechet_distance", "frechet_distance_train_images", "alignment",
                      "alignment_real_images", "alignment_other_caption"):
@@ -69,6 +73,33 @@ def test_a_real_data_smoke_run_evaluates_on_images_no_stage_trained_on(emoji_run
     assert low <= gain <= high
     # Held-out loss pairs only within one resolution: pretrain-64's is over other images than pretrain-32's.
     assert "eval/gain/captions/heldout_loss" not in gains
+    assert "eval/gain/captions/heldout_loss" in json.loads((run / "eval-sft" / "manifest.json").read_text())["metrics"]
+
+
+def test_post_training_on_real_data_asks_the_task_not_the_synthetic_world(emoji_run):
+    """SFT trains on the top fraction by clarity, preference samples training captions judged by the contrastive
+    scorer, the reward model also learns from real pairs, and GRPO's probe reports held-out alignment."""
+    from data.shards import iter_samples
+
+    run, _ = emoji_run
+    captions = {s["caption"] for s in iter_samples(run / "latents" / "shards", load_images=False)}
+    held = {s["caption"] for s in iter_samples(run / "latents" / "heldout", load_images=False)}
+    sft = list(iter_samples(run / "sft" / "shards", load_images=False))
+    candidates = [s["meta"]["clarity"] for s in iter_samples(run / "latents" / "shards", load_images=False)
+                  if s["bucket"] in {tuple(x["bucket"]) for x in sft}]
+    assert sft and min(s["meta"]["clarity"] for s in sft) >= sorted(candidates)[len(candidates) - len(sft)]
+    pairs = list(iter_samples(run / "preference" / "shards", load_images=False))
+    assert pairs and all(p["caption"] in captions - held for p in pairs)  # training captions only
+    grpo = json.loads((run / "grpo" / "manifest.json").read_text())
+    assert grpo["metrics"]["steps"] == 2
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("kiln-captions").experiment_id],
+                              "tags.`kiln.stage` = 'grpo'")
+    history = client.get_metric_history(runs[0].info.run_id, "train/heldout_score")
+    assert len(history) == 2 and all(-1 <= m.value <= 1 for m in history)  # a cosine, every step
+    assert not client.get_metric_history(runs[0].info.run_id, "train/heldout_correct")  # no verifier on real data
 
 
 def test_paired_gains_pair_captions_and_images_and_refuse_other_captions():
