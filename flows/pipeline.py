@@ -232,11 +232,24 @@ def _gain(metrics: dict, key: str) -> str | None:
     return f"{metrics[key]:+.3f} [{metrics[key + '_low']:+.3f}, {metrics[key + '_high']:+.3f}]"
 
 
-def comparison_rows(evals: dict[str, dict]) -> list[dict]:
+# Task captions (your own images): held-out split loss, FD and alignment (stages/eval_captions.py).
+CAPTIONS_METRICS = {
+    "heldout loss": "eval/captions/heldout_loss",
+    "FD": "eval/captions/frechet_distance",
+    "FD of training images": "eval/captions/frechet_distance_train_images",
+    "alignment": "eval/captions/alignment",
+    "alignment, other caption": "eval/captions/alignment_other_caption",
+    "alignment, real images": "eval/captions/alignment_real_images",
+}
+CAPTIONS_GAINS = {"gain alignment": "eval/gain/captions/alignment", "gain heldout loss": "eval/gain/captions/heldout_loss"}
+
+
+def comparison_rows(evals: dict[str, dict], task: str = "synthetic") -> list[dict]:
     """One row per evaluated stage, the columns people compare stages by, and its paired gain over the stage before."""
+    columns, gains = (COMPARISON_METRICS, GAIN_COLUMNS) if task == "synthetic" else (CAPTIONS_METRICS, CAPTIONS_GAINS)
     return [{"stage": name.removeprefix("eval-"),
-             **{label: metrics.get(key) for label, key in COMPARISON_METRICS.items()},
-             **{label: _gain(metrics, key) for label, key in GAIN_COLUMNS.items()}}
+             **{label: metrics.get(key) for label, key in columns.items()},
+             **{label: _gain(metrics, key) for label, key in gains.items()}}
             for name, metrics in evals.items()]
 
 
@@ -279,7 +292,7 @@ def pipeline(preset: str = "tiny", overrides: list[str] | None = None, run_name:
                  if stage.kind == "eval" and modes[stage.name] != "skip"}
         if evals:
             parent.log_metrics(list(evals.values())[-1])  # the final model's evaluation
-            parent.log_table(comparison_rows(evals), "stage_comparison.json")
+            parent.log_table(comparison_rows(evals, cfg.task_kind), "stage_comparison.json")
         parent.set_tags({"kiln.run_dir": str(run_root.resolve())})
         # The final generator in the model registry, aliased by this pipeline run's name.
         final = next((stage.name for stage in reversed(plan)

@@ -74,6 +74,10 @@ def test_a_real_data_smoke_run_evaluates_on_images_no_stage_trained_on(emoji_run
     # Held-out loss pairs only within one resolution: pretrain-64's is over other images than pretrain-32's.
     assert "eval/gain/captions/heldout_loss" not in gains
     assert "eval/gain/captions/heldout_loss" in json.loads((run / "eval-sft" / "manifest.json").read_text())["metrics"]
+    from flows.compare import compare
+
+    table = compare(["emoji"], experiment="kiln-captions")  # kiln compare's table: the captions task's columns
+    assert "| heldout loss | FD |" in table and "gain alignment" in table and "heldout single" not in table
 
 
 def test_post_training_on_real_data_asks_the_task_not_the_synthetic_world(emoji_run):

@@ -141,7 +141,7 @@ def test_geometry_is_derived_from_the_vae_and_the_patch():
 
     assert vae_factor(load_config("smoke").vae) == 8 and size_multiple(load_config("smoke")) == 16
     assert vae_factor(load_config("qwen-image").vae) == 8  # the pretrained VAE
-    four_x = load_config("smoke", ["vae.dim_mult=[1,2,2]", "data.bucket_multiple=8"])  # two downsamplings
+    four_x = load_config("smoke", ["vae.dim_mult=[1,2,2]", "data.bucket_multiple=8", "vae.train.crop=16"])  # 2 downs
     assert vae_factor(four_x.vae) == 4 and size_multiple(four_x) == 8
 
 

@@ -67,7 +67,9 @@ def fake_embed(captions):
 
 
 def _cfg(sources, *extra):
-    return load_config("smoke", [f"data.sources={json.dumps(sources)}", "data.funnel.num_proc=1", *extra])
+    # No held-out split: these tests count what the funnel keeps (tests/test_captions_task.py tests the split).
+    return load_config("smoke", [f"data.sources={json.dumps(sources)}", "data.funnel.num_proc=1",
+                                 "data.heldout_fraction=0", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +307,8 @@ def test_a_curation_run_through_the_pipeline_flow_reports_its_funnel(folder, tmp
     from flows.pipeline import pipeline
 
     sources = json.dumps([{"kind": "imagefolder", "path": str(folder), "category_column": "kind"}])
-    overrides = [f"run_dir={tmp_path}", "experiment=kiln-curation-flow", f"data.sources={sources}"]
+    overrides = [f"run_dir={tmp_path}", "experiment=kiln-curation-flow", f"data.sources={sources}",
+                 "data.heldout_fraction=0"]
     state = pipeline(preset="smoke", overrides=overrides, run_name="curation", only=["data"], return_state=True)
     assert state.is_completed()
     report = json.loads((tmp_path / "curation" / "data" / "funnel_report.json").read_text())

@@ -131,7 +131,7 @@ def test_sampled_pairs_keep_best_against_worst(pretrained, tmp_path, monkeypatch
             scores += [0.5, 0.5, 0.5] if prompt % 3 == 2 else [0.2, 0.9, 0.5]
         return scores
 
-    monkeypatch.setattr(preference, "make_judge", lambda cfg, device: judge)
+    monkeypatch.setattr(preference, "make_judge", lambda cfg, inputs, device: judge)
     cfg = _cfg()  # smoke: 6 prompts x 3 samples
     run_without_orchestration([("preference", "preference", {"model": root / "pretrain", "vae": latents / "vae"})],
                               cfg, tmp_path)
@@ -337,16 +337,17 @@ def test_default_judge_is_the_verifier():
 
     from data.synthetic import SceneSpec, render
 
-    judge = preference.make_judge(_cfg(), "cpu")
+    judge = preference.make_judge(_cfg(), {}, "cpu")
     image, _ = render(SceneSpec("single", "red", "circle"), 64, 64, random.Random(0))
     assert judge([image, image], ["a red circle", "a blue square"]) == [1.0, 0.0]
 
 
 def test_grpo_prompts_cycle_through_the_configured_kinds():
     from data.synthetic import make_holdout, parse_caption
+    from stages.tasks import SyntheticTask
 
     cfg = load_config("tiny", ["grpo.prompt_kinds=[count, relation]"])
-    prompts = preference.training_captions(cfg, 8, seed=3, kinds=cfg.grpo.prompt_kinds)
+    prompts = SyntheticTask(cfg).training_prompts(8, seed=3, kinds=cfg.grpo.prompt_kinds)
     assert [kind for kind, _ in prompts] == ["count", "relation"] * 4
     held_out = make_holdout(cfg.data.holdout_seed).pairs
     for kind, text in prompts:
@@ -465,7 +466,7 @@ def test_sampled_pairs_take_the_configured_kinds_and_score_gap(pretrained, monke
     k = cfg.preference.samples_per_prompt
     judged = []
 
-    def planted_judge(cfg, device):
+    def planted_judge(cfg, inputs, device):
         def judge(images, captions):
             scores = []
             for i in range(len(captions) // k):
@@ -477,7 +478,8 @@ def test_sampled_pairs_take_the_configured_kinds_and_score_gap(pretrained, monke
 
     monkeypatch.setattr(preference, "make_judge", planted_judge)
     _, model, vae_dir, meta = load_stage(root / "pretrain", "cpu")
-    records = list(preference.sample_pairs(cfg, model, vae_for(cfg, latents / "vae", "cpu"), meta["resolution"], "cpu"))
+    records = list(preference.sample_pairs(cfg, {}, model, vae_for(cfg, latents / "vae", "cpu"), meta["resolution"],
+                                           "cpu"))
     assert len(judged) == 8
     assert [r[0] for r in records] == ["count"] * 4  # prompts 4..7: gaps 0.5, 0.625, 0.75, 0.875
     assert [r[1] for r in records] == judged[4:]

@@ -16,18 +16,19 @@ def test_the_smoke_plan_wires_every_stage_to_its_inputs():
         PlannedStage("vae", "vae", {"data": "data"}),
         PlannedStage("latents", "latents", {"data": "data", "vae": "vae"}),
         PlannedStage("pretrain-32", "pretrain", {"latents": "latents", "vae": "vae", "init": None}, 0),
-        PlannedStage("eval-pretrain-32", "eval", {"model": "pretrain-32", "features": None, "previous": None}),
+        PlannedStage("eval-pretrain-32", "eval", {"model": "pretrain-32", "features": None, "previous": None, "data": "data", "latents": "latents"}),
         PlannedStage("pretrain-64", "pretrain", {"latents": "latents", "vae": "vae", "init": "pretrain-32"}, 1),
         PlannedStage("eval-pretrain-64", "eval", {"model": "pretrain-64", "features": None,
-                                                   "previous": "eval-pretrain-32"}),
+                                                   "previous": "eval-pretrain-32", "data": "data", "latents": "latents"}),
         PlannedStage("sft", "sft", {"latents": "latents", "vae": "vae", "init": "pretrain-64"}),
-        PlannedStage("eval-sft", "eval", {"model": "sft", "features": None, "previous": "eval-pretrain-64"}),
-        PlannedStage("preference", "preference", {"model": "sft", "vae": "vae"}),
+        PlannedStage("eval-sft", "eval", {"model": "sft", "features": None, "previous": "eval-pretrain-64", "data": "data", "latents": "latents"}),
+        PlannedStage("preference", "preference", {"model": "sft", "vae": "vae", "data": "data", "features": None}),
         PlannedStage("reward", "reward", {"pairs": "preference", "vae": "vae", "data": "data"}),
         PlannedStage("dpo", "dpo", {"pairs": "preference", "init": "sft", "vae": "vae"}),
-        PlannedStage("eval-dpo", "eval", {"model": "dpo", "features": None, "previous": "eval-sft"}),
-        PlannedStage("grpo", "grpo", {"init": "dpo", "vae": "vae", "reward": "reward"}),
-        PlannedStage("eval-grpo", "eval", {"model": "grpo", "features": None, "previous": "eval-dpo"}),
+        PlannedStage("eval-dpo", "eval", {"model": "dpo", "features": None, "previous": "eval-sft", "data": "data", "latents": "latents"}),
+        PlannedStage("grpo", "grpo", {"init": "dpo", "vae": "vae", "reward": "reward", "data": "data",
+                                      "features": None}),
+        PlannedStage("eval-grpo", "eval", {"model": "grpo", "features": None, "previous": "eval-dpo", "data": "data", "latents": "latents"}),
     ]
 
 
@@ -35,8 +36,9 @@ def test_post_training_picks_the_stages_and_the_latest_generator_feeds_the_next(
     cfg = load_config("smoke", ["post_training=[preference, grpo]", "grpo.reward=verifier"])
     plan = {stage.name: stage for stage in pipeline_plan(cfg)}
     assert list(plan)[-4:] == ["eval-pretrain-64", "preference", "grpo", "eval-grpo"]
-    assert plan["preference"].inputs == {"model": "pretrain-64", "vae": "vae"}
-    assert plan["grpo"].inputs == {"init": "pretrain-64", "vae": "vae", "reward": None}
+    assert plan["preference"].inputs == {"model": "pretrain-64", "vae": "vae", "data": "data", "features": None}
+    assert plan["grpo"].inputs == {"init": "pretrain-64", "vae": "vae", "reward": None, "data": "data",
+                                   "features": None}
     assert [stage.name for stage in pipeline_plan(load_config("smoke", ["post_training=[]"]))] == [
         "data", "vae", "latents", "pretrain-32", "eval-pretrain-32", "pretrain-64", "eval-pretrain-64"]
 

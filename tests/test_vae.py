@@ -85,7 +85,7 @@ def test_the_vae_factor_follows_dim_mult():
     """Three levels downsample twice: a 4x VAE, and kiln.geometry says so."""
     from kiln.geometry import vae_factor
 
-    cfg = load_config("smoke", ["vae.dim_mult=[1,2,2]", "data.bucket_multiple=8"]).vae
+    cfg = load_config("smoke", ["vae.dim_mult=[1,2,2]", "data.bucket_multiple=8", "vae.train.crop=16"]).vae
     vae = build_vae(cfg).eval()
     with torch.no_grad():
         z = vae.encode(torch.randn(1, 3, 1, 32, 24)).latent_dist.mode()  # (B, 3, T=1, H, W)
