@@ -1,7 +1,8 @@
 """Measure one training choice: retrain the pretrain ladder of an existing run with config overrides and evaluate it.
 
-Reuses the run's trained VAE (and its data and latents when the overrides leave the text encoder alone; otherwise
-the data and latents stages are rerun with the new text encoder), so a comparison costs only the DiT training.
+Reuses the run's trained VAE (and its data and latents when the overrides leave the text encoder and the data
+section alone; otherwise the data and latents stages are rerun with the new settings and the run's VAE), so a
+comparison costs only the DiT training.
 
 python benchmarks/ablation.py --run runs/NAME --out ablations/NAME [--set key=value ...] [--eval-prompts 36]
 python benchmarks/ablation.py --run runs/NAME --out ablations/NAME-eval --eval-only   # the run's own rungs
@@ -18,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from kiln.config import TextEncoderConfig, config_from_dict, load_config
+from kiln.config import DataConfig, TextEncoderConfig, config_from_dict, load_config
 from kiln.stage_io import read_stage_manifest, write_stage_manifest
 from kiln.tracking import Tracker
 from stages import eval as eval_stage
@@ -51,10 +52,10 @@ def main() -> None:
             report(cfg, stage_dir, run, out, rung, read_stage_manifest(stage_dir)["metrics"], seconds=None)
         return
 
-    source_encoder = TextEncoderConfig(**read_stage_manifest(run / "data")["config"]["text_encoder"])
-    if source_encoder == cfg.text_encoder:
+    source = read_stage_manifest(run / "data")["config"]
+    if TextEncoderConfig(**source["text_encoder"]) == cfg.text_encoder and DataConfig(**source["data"]) == cfg.data:
         latents = run / "latents"
-    else:  # the cached text embeddings are the old encoder's: re-embed, reusing the trained VAE
+    else:  # the cached shards are of other data or the old encoder's: redo them, reusing the trained VAE
         run_without_orchestration([("data", "data", {}),
                                    ("latents", "latents", {"data": out / "data", "vae": run / "vae"})], cfg, out)
         latents = out / "latents"

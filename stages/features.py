@@ -46,6 +46,24 @@ def one_per_image(shard_dir: Path, load_images: bool = True) -> list[dict]:
     return out
 
 
+def feature_trainer(cfg, net, out_dir: Path, tracker, device, generator) -> Trainer:
+    """The stage's training loop (kiln/trainer.py: resumable checkpoints), started."""
+    fcfg = cfg.features
+    trainer = Trainer("features", net, cfg, steps=fcfg.steps, lr=fcfg.lr, schedule=Schedule(decay="constant"),
+                      out_dir=out_dir, tracker=tracker, device=device, weight_decay=0.01, grad_clip=1.0,
+                      state={"generator": generator}, meta={"kind": "features"}, log_prefix="features")
+    trainer.start()
+    return trainer
+
+
+def finish(out_dir: Path, net, arch: dict, metrics: dict, tracker) -> StageResult:
+    """Save the trained network as the stage's output (its checkpoints go), log the metrics."""
+    save_network(out_dir, "feature_net", net, arch)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # done: the network above is the stage's output
+    tracker.log_metrics(metrics)
+    return StageResult("features", out_dir, metrics, hash_files(out_dir, "feature_net.*"))
+
+
 def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     if cfg.task_kind == "captions":
         return run_contrastive(cfg, inputs, out_dir, tracker)
@@ -67,10 +85,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
 
     net = FeatureNet(fcfg.dim, *LABEL_SIZES)
     generator = torch.Generator().manual_seed(cfg.seed)
-    trainer = Trainer("features", net, cfg, steps=fcfg.steps, lr=fcfg.lr, schedule=Schedule(decay="constant"),
-                      out_dir=out_dir, tracker=tracker, device=device, weight_decay=0.01, grad_clip=1.0,
-                      state={"generator": generator}, meta={"kind": "features"}, log_prefix="features")
-    trainer.start()
+    trainer = feature_trainer(cfg, net, out_dir, tracker, device, generator)
 
     def batches():
         while True:
@@ -87,11 +102,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     with torch.no_grad():
         _, val_right = net.loss(images[val].to(device), present[val].to(device), objects[val].to(device),
                                 kinds[val].to(device))
-    save_network(out_dir, "feature_net", net, {"dim": fcfg.dim})
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # done: the network above is the stage's output
     metrics = {"features/val_all_right": val_right.item(), "features/val_images": n_val}
-    tracker.log_metrics(metrics)
-    return StageResult("features", out_dir, metrics, hash_files(out_dir, "feature_net.*"))
+    return finish(out_dir, net, {"dim": fcfg.dim}, metrics, tracker)
 
 
 def run_contrastive(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
@@ -109,10 +121,7 @@ def run_contrastive(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     text, mask = padded_text(train, length)  # (N, L, D), (N, L)
     net = ContrastiveScorer(text.shape[-1], fcfg.dim)
     generator = torch.Generator().manual_seed(cfg.seed)
-    trainer = Trainer("features", net, cfg, steps=fcfg.steps, lr=fcfg.lr, schedule=Schedule(decay="constant"),
-                      out_dir=out_dir, tracker=tracker, device=device, weight_decay=0.01, grad_clip=1.0,
-                      state={"generator": generator}, meta={"kind": "features"}, log_prefix="features")
-    trainer.start()
+    trainer = feature_trainer(cfg, net, out_dir, tracker, device, generator)
 
     def batches():
         while True:  # distinct images per batch: a repeated image would be its own negative
@@ -132,7 +141,4 @@ def run_contrastive(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                "features/heldout_retrieval_chance": 1 / len(set(captions)),
                "features/heldout_alignment": alignment(net, held_images, held_text, held_mask).mean().item(),
                "features/heldout_images": len(heldout), "features/train_images": len(train)}
-    save_network(out_dir, "feature_net", net, {"kind": "contrastive", "text_dim": text.shape[-1], "dim": fcfg.dim})
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # done: the network above is the stage's output
-    tracker.log_metrics(metrics)
-    return StageResult("features", out_dir, metrics, hash_files(out_dir, "feature_net.*"))
+    return finish(out_dir, net, {"kind": "contrastive", "text_dim": text.shape[-1], "dim": fcfg.dim}, metrics, tracker)
