@@ -19,7 +19,7 @@ from data.shards import iter_samples
 from data.synthetic import parse_caption
 from kiln.checkpoint import save_network
 from kiln.contrastive import ContrastiveScorer, alignment, retrieval_accuracy
-from kiln.features import SIZE, FeatureNet, load_feature_net  # noqa: F401 - the stage's loader
+from kiln.features import SIZE, FeatureNet
 from kiln.images import image_tensor
 from kiln.stage_io import StageResult, hash_files
 from kiln.trainer import Schedule, Trainer

@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import torch
 
 from data.synthetic import KINDS, caption, eval_prompts, make_holdout, sample_spec
 from kiln import seeding
