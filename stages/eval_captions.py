@@ -3,8 +3,8 @@ the curated images, which no stage trains on.
 
 - Held-out flow-matching loss: every held-out image at the evaluated resolution, at eval.loss_timesteps with fixed
   noise, so two stages' losses pair image for image.
-- Frechet distance between eval.heldout_images generated images (one per held-out caption, fixed noise) and all
-  held-out images, on the features stage's contrastive image encoder; beside it the distance of as many training
+- Frechet distance between eval.heldout_images generated images (one per held-out caption, the first in a seeded
+  order, fixed noise) and all held-out images, on the features stage's contrastive image encoder; beside it the distance of as many training
   images to the same held-out set: what a model that draws the data's distribution would score at this sample size.
 - Alignment: the cosine between each generated image and its caption on the contrastive scorer, with two
   references: real held-out images against their own captions (the ceiling) and the generated images against other
@@ -33,7 +33,7 @@ from kiln.images import image_tensor
 from kiln.stats import paired_bootstrap_ci
 from stages.common import write_json
 from kiln.features import load_feature_net
-from stages.features import one_per_image, padded_text
+from stages.features import one_per_image, padded_text, shuffled
 from stages.sampling import generate_for_captions
 
 ROWS = "captions_eval.json"  # samples/ROWS: per-caption and per-image scores, what the next stage pairs against
@@ -71,7 +71,7 @@ def run(cfg, model, vae, inputs: dict, out_dir: Path, resolution: int, tracker, 
         raise ValueError(f"eval: {inputs['features']} holds a synthetic-scene classifier, not the captions task's "
                          f"contrastive scorer: rerun the features stage")
     data = Path(inputs["data"])
-    heldout = sorted(one_per_image(data / "heldout"), key=lambda s: s["key"])  # (the real held-out images)
+    heldout = shuffled(one_per_image(data / "heldout"), ecfg.seed)  # the real held-out images, a fair order
     chosen = heldout[:ecfg.heldout_images]
     captions = [s["caption"] for s in chosen]
     generated = []
@@ -91,7 +91,7 @@ def run(cfg, model, vae, inputs: dict, out_dir: Path, resolution: int, tracker, 
     generated_alignment = alignment(scorer, fake, text, mask)  # (N,)
     baseline_alignment = alignment(scorer, fake, text[others], mask[others])
     real_alignment = alignment(scorer, real, all_text, all_mask)
-    train = one_per_image(data / "shards")[:len(generated)]
+    train = shuffled(one_per_image(data / "shards"), ecfg.seed)[:len(generated)]
     train_images = torch.stack([image_tensor(s["image"].resize(chosen[0]["image"].size)) for s in train]).to(device)
     real_features = scorer(real).double().cpu().numpy()
     losses = heldout_loss(cfg, model, Path(inputs["latents"]), resolution, device)

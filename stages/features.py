@@ -36,6 +36,14 @@ def padded_text(samples: list[dict], length: int) -> tuple[torch.Tensor, torch.T
     return text, mask
 
 
+def shuffled(samples: list[dict], seed: int) -> list[dict]:
+    """Samples in a seeded order that does not depend on how the shards are ordered (by bucket, then by the source's
+    order, e.g. emoji by code point): their first N are a fair sample of the set."""
+    import hashlib
+
+    return sorted(samples, key=lambda s: hashlib.sha256(f"{seed}:{s['key']}".encode()).digest())
+
+
 def one_per_image(shard_dir: Path, load_images: bool = True) -> list[dict]:
     """Each curated image once (its first, smallest-resolution sample): shards hold one sample per rung it fills."""
     seen, out = set(), []

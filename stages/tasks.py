@@ -57,11 +57,11 @@ class CaptionsTask:
     kind = "captions"
 
     def __init__(self, cfg, data_dir: Path, features_dir: Path | None, device="cpu"):
-        from stages.features import one_per_image
+        from stages.features import one_per_image, shuffled
 
         self.cfg, self.device = cfg, device
         self.captions = [s["caption"] for s in one_per_image(Path(data_dir) / "shards", load_images=False)]
-        held = sorted(one_per_image(Path(data_dir) / "heldout", load_images=False), key=lambda s: s["key"])
+        held = shuffled(one_per_image(Path(data_dir) / "heldout", load_images=False), cfg.eval.seed)
         self.heldout = [s["caption"] for s in held]
         self.features_dir, self._alignment = features_dir, None
 
@@ -72,7 +72,7 @@ class CaptionsTask:
         return [("caption", text) for text in picks]
 
     def heldout_prompts(self, n: int, seed: int, kinds=None) -> list[str]:
-        """The first n held-out captions (by key: the same ones the eval stage draws first)."""
+        """The first n held-out captions in the eval stage's seeded order (the ones it draws first)."""
         return self.heldout[:n]
 
     def probe_scores(self, images, captions: list[str]) -> dict[str, float]:
