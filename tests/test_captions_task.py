@@ -120,3 +120,32 @@ def test_paired_gains_pair_captions_and_images_and_refuse_other_captions():
     other = {**after, "captions": [{**r, "caption": "x"} for r in after["captions"]]}
     with pytest.raises(ValueError, match="other captions"):
         paired_gains(before, other)
+
+
+def test_sft_on_captions_takes_the_top_fraction_by_a_funnel_score_or_your_column(tmp_path):
+    """sft.select_by: the funnel's clarity, or a source's quality_column carried into the shards' metadata."""
+    import shutil
+
+    from data.curate import curate
+    from data.shards import iter_samples
+    from stages.sft import select_top
+
+    folder = tmp_path / "emoji"
+    shutil.copytree(EMOJI, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").write_text("".join(
+        json.dumps({**row, "score": i if i % 5 else "n/a"}) + "\n" for i, row in enumerate(rows)))
+    cfg = load_config("smoke", [f"data.sources=[{{kind: imagefolder, path: {folder}, caption_column: text, "
+                                f"quality_column: score}}]", "data.funnel.num_proc=1", "data.heldout_fraction=0",
+                                "sft.select_by=quality", "sft.top_fraction=0.25"])
+    curate(cfg, tmp_path / "shards", lambda c: (__import__("torch").ones(len(c), 2, 4),
+                                                 __import__("torch").ones(len(c), 2, dtype=bool)), progress=False)
+    metas = [(s["key"], s["meta"]) for s in iter_samples(tmp_path / "shards", buckets=[(64, 64)], load_images=False)]
+    scores = {key: meta.get("quality") for key, meta in metas}
+    assert sum(v is None for v in scores.values()) == sum(1 for i in range(len(rows)) if i % 5 == 0)  # "n/a": none
+    chosen = select_top(metas, cfg.sft)
+    assert len(chosen) == round(0.25 * len(metas))
+    assert min(scores[k] for k in chosen) > max(v for k, v in scores.items() if k not in chosen and v is not None)
+    by_clarity = select_top(metas, cfg.sft.model_copy(update={"select_by": "clarity"}))
+    assert min(dict(metas)[k]["clarity"] for k in by_clarity) >= max(
+        m["clarity"] for k, m in metas if k not in by_clarity)
