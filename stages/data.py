@@ -65,7 +65,8 @@ def check_ladder(cfg, manifest: dict) -> None:
     """A one-line error, before the VAE or any training, for a rung the curated images cannot fill a batch of: an
     image enters a rung only if its shorter side is at least data.funnel.min_side_fraction x the rung's resolution
     (no upsampling by default), so small images leave the high rungs empty, which pretrain would find only after
-    the VAE and every lower rung had trained."""
+    the VAE and every lower rung had trained. The same for SFT's subset of your images (task captions), which the
+    SFT stage would find only after pretraining."""
     counts = images_per_rung(cfg, manifest)
     short = [rung for rung in cfg.train.rungs if counts[rung.resolution] < rung.batch_size]
     if short:
@@ -78,6 +79,12 @@ def check_ladder(cfg, manifest: dict) -> None:
             + (f"keep the rungs it fills (--set 'train.rungs={_rungs_flag(filled)}')" if filled else
                "use larger images")
             + " or lower data.funnel.min_side_fraction (smaller images are then upsampled)")
+    last = cfg.train.rungs[-1].resolution
+    subset = max(1, round(cfg.sft.top_fraction * counts[last]))
+    if cfg.task_kind == "captions" and "sft" in cfg.post_training and subset < cfg.sft.batch_size:
+        raise ValueError(f"data: sft would train on {subset} images (sft.top_fraction {cfg.sft.top_fraction:g} of "
+                         f"{counts[last]} at {last} px), fewer than sft.batch_size {cfg.sft.batch_size}: raise "
+                         f"sft.top_fraction or lower sft.batch_size")
 
 
 def _rungs_flag(rungs) -> str:

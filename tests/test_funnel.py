@@ -67,9 +67,10 @@ def fake_embed(captions):
 
 
 def _cfg(sources, *extra):
-    # No held-out split: these tests count what the funnel keeps (tests/test_captions_task.py tests the split).
+    # No held-out split and no post-training: these tests count what the funnel keeps (tests/test_captions_task.py
+    # tests the split and the stages after it).
     return load_config("smoke", [f"data.sources={json.dumps(sources)}", "data.funnel.num_proc=1",
-                                 "data.heldout_fraction=0", *extra])
+                                 "data.heldout_fraction=0", "post_training=[]", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +309,7 @@ def test_a_curation_run_through_the_pipeline_flow_reports_its_funnel(folder, tmp
 
     sources = json.dumps([{"kind": "imagefolder", "path": str(folder), "category_column": "kind"}])
     overrides = [f"run_dir={tmp_path}", "experiment=kiln-curation-flow", f"data.sources={sources}",
-                 "data.heldout_fraction=0"]
+                 "data.heldout_fraction=0", "post_training=[]"]
     state = pipeline(preset="smoke", overrides=overrides, run_name="curation", only=["data"], return_state=True)
     assert state.is_completed()
     report = json.loads((tmp_path / "curation" / "data" / "funnel_report.json").read_text())
@@ -432,3 +433,7 @@ def test_a_rung_the_curated_images_cannot_fill_is_one_line_at_the_end_of_the_dat
     assert "train.rungs=[{resolution: 32, steps: 2, batch_size: 8}]" in message
     kept = _cfg(sources, "train.rungs=[{resolution: 32, steps: 2, batch_size: 8}]")  # the flag it names works
     assert data.run(kept, {}, tmp_path / "kept", Tracker(None)).metrics["samples"] == N_CLEAN
+    # SFT's subset of your images is checked there too: 0.3 of 8 images is fewer than a batch of 4.
+    small = _cfg(sources, "train.rungs=[{resolution: 32, steps: 2, batch_size: 8}]", "post_training=[sft]")
+    with pytest.raises(ValueError, match=r"^data: sft would train on 2 images \(sft.top_fraction 0.3 of 8 at 32 px\)"):
+        data.run(small, {}, tmp_path / "small", Tracker(None))
