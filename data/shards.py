@@ -730,11 +730,16 @@ class BucketBatches:
 def split_hash(stage_dir: Path) -> str:
     """A data or latents stage's content: its training shards' hash, combined with the held-out shards' when it has
     them (task captions), each as its manifest records it."""
-    import hashlib
 
     stage_dir = Path(stage_dir)
-    train = read_manifest(stage_dir / "shards")["content_hash"]
-    if not (stage_dir / "heldout" / "manifest.json").exists():
-        return train  # the synthetic task's stages: the hash they always had
-    heldout = read_manifest(stage_dir / "heldout")["content_hash"]
-    return hashlib.sha256(f"{train}:{heldout}".encode()).hexdigest()
+    held = stage_dir / "heldout" / "manifest.json"
+    return combined_hash(read_manifest(stage_dir / "shards")["content_hash"],
+                         read_manifest(stage_dir / "heldout")["content_hash"] if held.exists() else None)
+
+
+def combined_hash(train: str, heldout: str | None) -> str:
+    """One content hash for training shards and held-out shards; without held-out ones (the synthetic task's
+    stages) the training shards' hash, the hash they always had."""
+    import hashlib
+
+    return train if heldout is None else hashlib.sha256(f"{train}:{heldout}".encode()).hexdigest()

@@ -46,8 +46,9 @@ def source_units(src) -> list[str]:
 def _open(src, unit: str):
     from datasets import Image, load_dataset
 
-    if src.kind == "imagefolder" and _jsonl_listings(src, unit):
-        rows = _JsonlFolder(_jsonl_listings(src, unit), src.image_column)
+    listings = _jsonl_listings(src, unit) if src.kind == "imagefolder" else []
+    if listings:
+        rows = _JsonlFolder(listings, src.image_column)
         if [c for c in (src.caption_column, src.category_column, src.quality_column) if c and c not in rows.columns]:
             _missing(src, unit, rows.columns)
         return rows  # images are paths already

@@ -114,11 +114,16 @@ def diffusion_loss(model, latents, text, mask, objective, sched, generator=None,
     rows, total = (rows, global_batch) if rows is not None else (slice(0, b), b)
     t = training_times(total, x0.shape[1], objective, sched, process, generator, latents.device)[rows]  # (B,)
     noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[rows]
-    alpha, sigma = (_per_row(v, x0) for v in process.alpha_sigma(t))  # (B, 1, 1)
-    x_t = alpha * x0 + sigma * noise
-    out = predict(model, x_t, t, text, mask, token_grid(h, w))
-    per_sample = (out.float() - target(objective.kind, x0, noise, alpha, sigma).float()).pow(2).mean(dim=(1, 2))
+    per_sample = objective_errors(model, x0, noise, t, text, mask, objective.kind, process, token_grid(h, w))
     return per_sample.mean(), per_sample, t
+
+
+def objective_errors(model, x0, noise, t, text, mask, kind: str, process, grid) -> torch.Tensor:
+    """(B,) MSE between the network's output at x_t = alpha(t) x0 + sigma(t) noise and the objective's target.
+    x0, noise: (B, N, D) packed tokens; t: (B,) times on the process's grid."""
+    alpha, sigma = (_per_row(v, x0) for v in process.alpha_sigma(t))  # (B, 1, 1)
+    out = predict(model, alpha * x0 + sigma * noise, t, text, mask, grid)
+    return (out.float() - target(kind, x0, noise, alpha, sigma).float()).pow(2).mean(dim=(1, 2))
 
 
 @torch.no_grad()
@@ -130,11 +135,9 @@ def fixed_time_loss(model, latents, text, mask, objective, times: list[float], g
     process = make_process(objective)
     total = torch.zeros(b, device=latents.device)
     for time in times:
-        t = torch.full((b,), float(time), device=latents.device)
+        t = process.grid(torch.full((b,), float(time), device=latents.device))  # (B,): a time the network trained at
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        alpha, sigma = (_per_row(v, x0) for v in process.alpha_sigma(t))  # (B, 1, 1)
-        out = predict(model, alpha * x0 + sigma * noise, process.grid(t), text, mask, token_grid(h, w))
-        total += (out.float() - target(objective.kind, x0, noise, alpha, sigma).float()).pow(2).mean(dim=(1, 2))
+        total += objective_errors(model, x0, noise, t, text, mask, objective.kind, process, token_grid(h, w))
     return total / len(times)
 
 

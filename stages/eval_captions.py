@@ -15,11 +15,13 @@ the curated images, which no stage trains on.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from data.buckets import buckets_for
@@ -91,8 +93,10 @@ def run(cfg, model, vae, inputs: dict, out_dir: Path, resolution: int, tracker, 
     generated_alignment = alignment(scorer, fake, text, mask)  # (N,)
     baseline_alignment = alignment(scorer, fake, text[others], mask[others])
     real_alignment = alignment(scorer, real, all_text, all_mask)
-    train = shuffled(one_per_image(data / "shards"), ecfg.seed)[:len(generated)]
-    train_images = torch.stack([image_tensor(s["image"].resize(chosen[0]["image"].size)) for s in train]).to(device)
+    # PNG bytes, decoded for the sample only: the training split may be large.
+    train = shuffled(one_per_image(data / "shards", load_images="png"), ecfg.seed)[:len(generated)]
+    train_images = torch.stack([image_tensor(Image.open(io.BytesIO(s["image_png"])).convert("RGB")
+                                             .resize(chosen[0]["image"].size)) for s in train]).to(device)
     real_features = scorer(real).double().cpu().numpy()
     losses = heldout_loss(cfg, model, Path(inputs["latents"]), resolution, device)
     metrics = {

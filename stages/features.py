@@ -44,8 +44,9 @@ def shuffled(samples: list[dict], seed: int) -> list[dict]:
     return sorted(samples, key=lambda s: hashlib.sha256(f"{seed}:{s['key']}".encode()).digest())
 
 
-def one_per_image(shard_dir: Path, load_images: bool = True) -> list[dict]:
-    """Each curated image once (its first, smallest-resolution sample): shards hold one sample per rung it fills."""
+def one_per_image(shard_dir: Path, load_images: bool | str = True) -> list[dict]:
+    """Each curated image once (its first, smallest-resolution sample): shards hold one sample per rung it fills.
+    load_images as data.shards.iter_samples takes it ("png": the stored bytes, undecoded)."""
     seen, out = set(), []
     for sample in iter_samples(shard_dir, load_images=load_images):
         if sample["meta"].get("source_key") not in seen:

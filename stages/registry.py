@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.shards import combined_hash
 from data.shards import content_hash as shards_content_hash
 from data.shards import read_manifest as read_shards_manifest
 from kiln.config import POST_TRAINING_STAGES, KilnConfig
@@ -31,16 +32,14 @@ def samples_hash(out_dir: Path) -> str:
 
 def shards_hash(out_dir: Path) -> str:
     """OUT/shards' content hash computed from the shard files themselves, not copied from their manifest, combined
-    with OUT/heldout's where there is one (data.split_hash's rule)."""
-    import hashlib
+    with OUT/heldout's where there is one (data.shards.combined_hash)."""
+    def files_of(shard_dir: Path) -> str:
+        relpaths = read_shards_manifest(shard_dir)["shards"]
+        return shards_content_hash(file_sha256(shard_dir / relpath) for relpath in relpaths)
 
-    hashes = []
-    for split in ("shards", "heldout"):
-        shard_dir = Path(out_dir) / split
-        if split == "shards" or (shard_dir / "manifest.json").exists():
-            relpaths = read_shards_manifest(shard_dir)["shards"]
-            hashes.append(shards_content_hash(file_sha256(shard_dir / relpath) for relpath in relpaths))
-    return hashes[0] if len(hashes) == 1 else hashlib.sha256(":".join(hashes).encode()).hexdigest()
+    held = Path(out_dir) / "heldout"
+    return combined_hash(files_of(Path(out_dir) / "shards"),
+                         files_of(held) if (held / "manifest.json").exists() else None)
 
 
 def files_hash(pattern: str) -> Callable[[Path], str]:
