@@ -6,6 +6,7 @@ comparison costs only the DiT training.
 
 python benchmarks/ablation.py --run runs/NAME --out ablations/NAME [--set key=value ...] [--eval-prompts 36]
 python benchmarks/ablation.py --run runs/NAME --out ablations/NAME-eval --eval-only   # the run's own rungs
+python benchmarks/ablation.py --run runs/NAME --out OUT --start-rung 1 --set train.rungs.1.steps=...  # the last rung only
 
 Prints one line per rung: training seconds, final loss, and held-out / training accuracies (the same larger eval
 for every row, so rows compare).
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--eval-prompts", type=int, default=36, help="prompts per kind and split (2 images each)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the run's own pretrain rungs, no training")
+    parser.add_argument("--start-rung", type=int, default=0,
+                        help="retrain from this rung on; earlier rungs are the run's own (only the later ones cost)")
     args = parser.parse_args()
     run, out = Path(args.run), Path(args.out)
     cfg = load_config(args.preset, [*args.overrides, f"eval.prompts_per_kind={args.eval_prompts}",
@@ -62,6 +65,9 @@ def main() -> None:
 
     previous = None
     for index, rung in enumerate(cfg.train.rungs):
+        if index < args.start_rung:  # the run's own rung: the next one starts from it
+            previous = run / f"pretrain-{rung.resolution}"
+            continue
         stage_dir = out / f"pretrain-{rung.resolution}"
         stage_dir.mkdir()
         start = time.perf_counter()

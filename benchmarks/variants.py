@@ -85,7 +85,9 @@ def run_job(name: str, out: Path, overrides: list[str], system_steps=SYSTEM_STEP
         return
     root = out / name
     shared = out / SHARED_ROOT if kind == "system" else data_vae_latents(cfg, root)
-    extra = {"vae_psnr": round(read_stage_manifest(shared / "vae")["metrics"]["vae/psnr"], 2)}
+    vae_metrics = read_stage_manifest(shared / "vae")["metrics"]
+    extra = {"vae_psnr": round(vae_metrics["vae/psnr"], 2), "vae_attempts": vae_metrics.get("vae/attempts"),
+             "vae_colour_worst": vae_metrics.get("vae/recon/colour_worst")}
     previous = None
     for index, rung in enumerate(cfg.train.rungs):
         previous, train = _pretrain(cfg, index, shared / "latents", shared / "vae", previous, root)

@@ -14,6 +14,12 @@ def rung(seed: int, index: int) -> int:
     return seed * 1000 + index
 
 
+def vae_attempt(seed: int, attempt: int) -> int:
+    """The VAE stage's init and crops on `attempt` (0: the configured seed itself; later ones after a failed
+    reconstruction check)."""
+    return seed if attempt == 0 else seed * 1000003 + 17 * attempt
+
+
 def dpo(seed: int) -> int:
     """The DPO stage's t and noise: the rung family's stream 101, past any ladder's rungs."""
     return rung(seed, 101)

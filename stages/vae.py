@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from data.shards import iter_samples
+from kiln import seeding
 from kiln.images import image_tensor
 from kiln.stage_io import StageResult, hash_files
 from kiln.trainer import Schedule, Trainer
@@ -21,6 +22,7 @@ from kiln.vae import build_vae, decode_for_training
 from stages.common import pick_device
 
 PSNR_IMAGES = 64
+RECON_IMAGES = 192  # the reconstruction check's images (synthetic task)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,7 +57,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
 
     device = pick_device(cfg.device)
     tcfg = cfg.vae.train
-    images = [image_tensor(s["image"]) for s in iter_samples(Path(inputs["data"]) / "shards", load_images=True)]
+    samples = list(iter_samples(Path(inputs["data"]) / "shards", load_images=True))
+    images, captions = [image_tensor(s["image"]) for s in samples], [s["caption"] for s in samples]
     if len(images) <= PSNR_IMAGES:
         raise ValueError(f"vae: need more than {PSNR_IMAGES} images to train and measure, got {len(images)}")
     held, train = images[:PSNR_IMAGES], images[PSNR_IMAGES:]
@@ -64,8 +67,32 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         raise ValueError(f"vae: vae.train.crop={tcfg.crop} is larger than the smallest image side {smallest} "
                          f"(bucket sizes come from the rungs and data.aspect_ratios)")
 
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)  # the crops: saved in checkpoints, so a resumed stage draws the same ones
+    # Attempts already failed (a rerun after an interruption resumes the attempt it was in).
+    attempt, start = len(list(out_dir.glob("failed-attempt-*"))), time.time()
+    while True:
+        vae, trainer = _train(cfg, train, device, out_dir, tracker, seeding.vae_attempt(cfg.seed, attempt))
+        check = reconstruction_check(cfg, vae, images, captions, device)
+        failed = check and check["vae/recon/colour_worst"] < tcfg.min_colour_kept
+        if not failed or attempt + 1 >= tcfg.attempts:
+            break
+        print(f"vae: attempt {attempt + 1} of {tcfg.attempts} kept a colour in only "
+              f"{check['vae/recon/colour_worst']:.0%} of reconstructions (vae.train.min_colour_kept="
+              f"{tcfg.min_colour_kept}); training again from another seed", flush=True)
+        (out_dir / "checkpoints").rename(out_dir / f"failed-attempt-{attempt}")  # kept for a look, not loaded
+        attempt += 1
+    if failed:
+        print(f"vae: warning: after {tcfg.attempts} attempts the VAE keeps a colour in only "
+              f"{check['vae/recon/colour_worst']:.0%} of reconstructions; later stages cannot draw it", flush=True)
+    return _finish(cfg, vae, held, train, device, out_dir, tracker, start, trainer,
+                   {**check, "vae/attempts": attempt + 1})
+
+
+def _train(cfg, train: list[torch.Tensor], device, out_dir: Path, tracker, seed: int):
+    """One attempt: a fresh VAE from `seed` (init and crops) trained for vae.train.steps, or resumed from the
+    latest checkpoint in out_dir."""
+    tcfg = cfg.vae.train
+    torch.manual_seed(seed)
+    rng = random.Random(seed)  # the crops: saved in checkpoints, so a resumed stage draws the same ones
     vae = build_vae(cfg.vae).to(device).train()
     # Warm-up over the first tenth (at most 50 steps), with the cosine decay to zero running from step 0.
     schedule = Schedule(warmup=min(50, max(1, tcfg.steps // 10)), total=tcfg.steps, decay="cosine", decay_start=0)
@@ -92,12 +119,40 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         loss.backward()
         return {"loss": loss.detach()}
 
-    start = time.time()
     trainer.fit(forward_backward, crops, save_final=False)
-    return _finish(cfg, vae, held, train, device, out_dir, tracker, start, trainer)
+    return vae, trainer
 
 
-def _finish(cfg, vae, held, train, device, out_dir, tracker, start, trainer) -> StageResult:
+def reconstruction_check(cfg, vae, images: list[torch.Tensor], captions: list[str], device) -> dict[str, float]:
+    """Synthetic task: the verifier on the reconstructions of RECON_IMAGES images spread over every bucket, each
+    against its own caption. `vae/recon/colour_worst` is the colour the VAE keeps least often: PSNR alone missed a
+    VAE that decoded every red object as yellow (16 dB against 21, but the DiT trained on it could never draw red).
+    Other tasks: nothing (PSNR is their measure)."""
+    if cfg.task_kind != "synthetic":
+        return {}
+    from reward.verifier import verify
+
+    vae.eval()
+    every = max(1, len(images) // RECON_IMAGES)
+    verdicts = []
+    with torch.no_grad():
+        for img, text in list(zip(images, captions))[::every][:RECON_IMAGES]:
+            z = vae.encode(img[None, :, None].to(device)).latent_dist.mode()
+            recon = vae.decode(z).sample[0, :, 0].clamp(-1, 1).cpu()  # (3, H, W)
+            pixels = ((recon.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            verdicts.append(verify(pixels, text))
+    kept: dict[str, list[bool]] = {}
+    for verdict in verdicts:
+        found = {d.colour for d in verdict.detections}
+        for colour, _ in verdict.spec.pairs():
+            kept.setdefault(colour, []).append(colour in found)
+    per_colour = {colour: sum(hits) / len(hits) for colour, hits in sorted(kept.items())}
+    return {"vae/recon/correct": sum(v.correct for v in verdicts) / len(verdicts),
+            "vae/recon/colour_worst": min(per_colour.values()),
+            **{f"vae/recon/colour_{colour}": value for colour, value in per_colour.items()}}
+
+
+def _finish(cfg, vae, held, train, device, out_dir, tracker, start, trainer, extra: dict) -> StageResult:
     """Reconstruction PSNR on held-out images, latent statistics into the config, the final checkpoint."""
     tcfg = cfg.vae.train
     vae.eval()
@@ -115,7 +170,7 @@ def _finish(cfg, vae, held, train, device, out_dir, tracker, start, trainer) -> 
     ckpt = trainer.save(final=True, keep=1)  # the periodic checkpoints go: later stages load the final one
     vae.save_config(ckpt)  # config.json, with the latent statistics
 
-    metrics = {"vae/psnr": float(np.mean(recon_psnr)), "vae/seconds": time.time() - start}
+    metrics = {"vae/psnr": float(np.mean(recon_psnr)), **extra, "vae/seconds": time.time() - start}
     tracker.log_metrics(metrics, step=tcfg.steps)
     tracker.log_dict({"latents_mean": mean.tolist(), "latents_std": std.tolist()}, "latent_stats.json")
     tracker.set_tags({"kiln.checkpoint": str(ckpt.resolve())})

@@ -91,3 +91,66 @@ def test_the_vae_factor_follows_dim_mult():
         z = vae.encode(torch.randn(1, 3, 1, 32, 24)).latent_dist.mode()  # (B, 3, T=1, H, W)
         assert z.shape == (1, cfg.z_dim, 1, 32 // vae_factor(cfg), 24 // vae_factor(cfg)) == (1, cfg.z_dim, 1, 8, 6)
         assert vae.decode(z).sample.shape == (1, 3, 1, 32, 24)
+
+
+class _PixelVAE:
+    """A stand-in VAE whose latent is the image itself; `swap` recolours decoded pixels (a colour the VAE loses)."""
+
+    def __init__(self, swap=None):
+        self.swap = swap
+
+    def eval(self):
+        return self
+
+    def encode(self, x):
+        return type("Out", (), {"latent_dist": type("Dist", (), {"mode": lambda _: x})()})()
+
+    def decode(self, z):
+        out = z.clone()
+        if self.swap is not None:
+            src, dst = (torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1, 1) / 127.5 - 1 for c in self.swap)
+            hit = ((z - src).abs() < 0.02).all(dim=1, keepdim=True)
+            out = torch.where(hit, dst.expand_as(z), z)
+        return type("Dec", (), {"sample": out})()
+
+
+def test_reconstruction_check_names_the_colour_a_vae_loses():
+    import random
+
+    from data.synthetic import COLOUR_RGB, SceneSpec, caption, render
+    from kiln.images import image_tensor
+    from stages.vae import reconstruction_check
+
+    cfg = load_config("smoke")
+    rng = random.Random(0)
+    specs = [SceneSpec("single", c, s) for c in COLOUR_RGB for s in ("circle", "square", "triangle")]
+    images = [image_tensor(render(spec, 64, 64, rng)[0]) for spec in specs]
+    captions = [caption(spec, rng) for spec in specs]
+    perfect = reconstruction_check(cfg, _PixelVAE(), images, captions, "cpu")
+    assert perfect["vae/recon/correct"] == 1.0 and perfect["vae/recon/colour_worst"] == 1.0
+    red_as_yellow = reconstruction_check(cfg, _PixelVAE((COLOUR_RGB["red"], COLOUR_RGB["yellow"])), images,
+                                         captions, "cpu")
+    assert red_as_yellow["vae/recon/colour_red"] == 0.0 and red_as_yellow["vae/recon/colour_worst"] == 0.0
+    assert red_as_yellow["vae/recon/colour_yellow"] == 1.0
+    assert red_as_yellow["vae/recon/correct"] == 0.75  # the 9 scenes of the other three colours
+
+
+def test_a_vae_that_loses_a_colour_is_trained_again_from_another_seed(smoke_latents, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from kiln.tracking import Tracker
+    from stages import vae as vae_stage
+
+    cfg = load_config("smoke", ["vae.train.attempts=2"])
+    checks = iter([0.25, 1.0])  # the first attempt keeps a colour in a quarter of its reconstructions
+
+    def check(*args):
+        return {"vae/recon/correct": 0.5, "vae/recon/colour_worst": next(checks)}
+
+    monkeypatch.setattr(vae_stage, "reconstruction_check", check)
+    result = vae_stage.run(cfg, {"data": smoke_latents / "data"}, tmp_path, Tracker(None))
+    assert result.metrics["vae/attempts"] == 2 and result.metrics["vae/recon/colour_worst"] == 1.0
+    first = load_file(next((tmp_path / "failed-attempt-0").rglob("*.safetensors")))
+    second = load_file(next((tmp_path / "checkpoints").rglob("*.safetensors")))
+    assert first.keys() == second.keys()
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # another seed, not the same run twice
