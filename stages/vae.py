@@ -78,7 +78,11 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         print(f"vae: attempt {attempt + 1} of {tcfg.attempts} kept a colour in only "
               f"{check['vae/recon/colour_worst']:.0%} of reconstructions (vae.train.min_colour_kept="
               f"{tcfg.min_colour_kept}); training again from another seed", flush=True)
-        (out_dir / "checkpoints").rename(out_dir / f"failed-attempt-{attempt}")  # kept for a look, not loaded
+        failed_dir = out_dir / f"failed-attempt-{attempt}"  # kept for a look, never loaded; also counts attempts
+        if (out_dir / "checkpoints").exists():  # a short attempt may not have reached a periodic checkpoint
+            (out_dir / "checkpoints").rename(failed_dir)
+        else:
+            failed_dir.mkdir()
         attempt += 1
     if failed:
         print(f"vae: warning: after {tcfg.attempts} attempts the VAE keeps a colour in only "

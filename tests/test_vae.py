@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 
@@ -50,7 +51,6 @@ def test_vae_stage_checkpoints_on_sigterm_and_resumes_identically(smoke_latents,
     import os
     import signal
 
-    import pytest
     from safetensors.torch import load_file
 
     from kiln.checkpoint import list_checkpoints
@@ -135,13 +135,15 @@ def test_reconstruction_check_names_the_colour_a_vae_loses():
     assert red_as_yellow["vae/recon/correct"] == 0.75  # the 9 scenes of the other three colours
 
 
-def test_a_vae_that_loses_a_colour_is_trained_again_from_another_seed(smoke_latents, tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoint_every", [3, 100])  # 100: the failed attempt never wrote a checkpoint
+def test_a_vae_that_loses_a_colour_is_trained_again_from_another_seed(smoke_latents, tmp_path, monkeypatch,
+                                                                       checkpoint_every):
     from safetensors.torch import load_file
 
     from kiln.tracking import Tracker
     from stages import vae as vae_stage
 
-    cfg = load_config("smoke", ["vae.train.attempts=2"])
+    cfg = load_config("smoke", ["vae.train.attempts=2", f"cadence.checkpoint_every={checkpoint_every}"])
     checks = iter([0.25, 1.0])  # the first attempt keeps a colour in a quarter of its reconstructions
 
     def check(*args):
@@ -150,6 +152,9 @@ def test_a_vae_that_loses_a_colour_is_trained_again_from_another_seed(smoke_late
     monkeypatch.setattr(vae_stage, "reconstruction_check", check)
     result = vae_stage.run(cfg, {"data": smoke_latents / "data"}, tmp_path, Tracker(None))
     assert result.metrics["vae/attempts"] == 2 and result.metrics["vae/recon/colour_worst"] == 1.0
+    assert (tmp_path / "failed-attempt-0").is_dir()
+    if checkpoint_every > cfg.vae.train.steps:
+        return
     first = load_file(next((tmp_path / "failed-attempt-0").rglob("*.safetensors")))
     second = load_file(next((tmp_path / "checkpoints").rglob("*.safetensors")))
     assert first.keys() == second.keys()
