@@ -15,6 +15,7 @@ import torch
 
 from data.shards import iter_samples
 from kiln import seeding
+from kiln.generate import to_pil
 from kiln.images import image_tensor
 from kiln.stage_io import StageResult, hash_files
 from kiln.trainer import Schedule, Trainer
@@ -72,7 +73,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     while True:
         vae, trainer = _train(cfg, train, device, out_dir, tracker, seeding.vae_attempt(cfg.seed, attempt))
         check = reconstruction_check(cfg, vae, images, captions, device)
-        failed = check and check["vae/recon/colour_worst"] < tcfg.min_colour_kept
+        failed = bool(check) and check["vae/recon/colour_worst"] < tcfg.min_colour_kept
         if not failed or attempt + 1 >= tcfg.attempts:
             break
         print(f"vae: attempt {attempt + 1} of {tcfg.attempts} kept a colour in only "
@@ -142,9 +143,8 @@ def reconstruction_check(cfg, vae, images: list[torch.Tensor], captions: list[st
     with torch.no_grad():
         for img, text in list(zip(images, captions))[::every][:RECON_IMAGES]:
             z = vae.encode(img[None, :, None].to(device)).latent_dist.mode()
-            recon = vae.decode(z).sample[0, :, 0].clamp(-1, 1).cpu()  # (3, H, W)
-            pixels = ((recon.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-            verdicts.append(verify(pixels, text))
+            recon = vae.decode(z).sample[:, :, 0].cpu()  # (1, 3, H, W)
+            verdicts.append(verify(to_pil(recon)[0], text))
     kept: dict[str, list[bool]] = {}
     for verdict in verdicts:
         found = {d.colour for d in verdict.detections}
