@@ -7,6 +7,7 @@ comparison costs only the DiT training.
 python benchmarks/ablation.py --run runs/NAME --out ablations/NAME [--set key=value ...] [--eval-prompts 36]
 python benchmarks/ablation.py --run runs/NAME --out ablations/NAME-eval --eval-only   # the run's own rungs
 python benchmarks/ablation.py --run runs/NAME --out OUT --start-rung 1 --set train.rungs.1.steps=...  # the last rung only
+python benchmarks/ablation.py --run runs/NAME --out OUT --end-rung 1 --set train.rungs.0.steps=...  # the first rung only
 
 Prints one line per rung: training seconds, final loss, and held-out / training accuracies (the same larger eval
 for every row, so rows compare).
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--eval-only", action="store_true", help="evaluate the run's own pretrain rungs, no training")
     parser.add_argument("--start-rung", type=int, default=0,
                         help="retrain from this rung on; earlier rungs are the run's own (only the later ones cost)")
+    parser.add_argument("--end-rung", type=int, default=None,
+                        help="stop before this rung (a cheap screen of the early rungs)")
     args = parser.parse_args()
     run, out = Path(args.run), Path(args.out)
     cfg = load_config(args.preset, [*args.overrides, f"eval.prompts_per_kind={args.eval_prompts}",
@@ -65,6 +68,8 @@ def main() -> None:
 
     previous = None
     for index, rung in enumerate(cfg.train.rungs):
+        if args.end_rung is not None and index >= args.end_rung:
+            break
         if index < args.start_rung:  # the run's own rung: the next one starts from it
             previous = run / f"pretrain-{rung.resolution}"
             continue

@@ -425,16 +425,52 @@ def render(
     relation scenes the first object is the subject: "A left of B" draws A to the left.
     """
     objects = spec.pairs() * spec.count  # count is 1 except for count scenes
-    boxes = _layout(spec, width, height, rng)
+    return _draw_scene(list(zip(objects, _layout(spec, width, height, rng))), width, height)
 
+
+def _draw_scene(objects: list[tuple[Pair, _Box]], width: int, height: int) -> tuple[Image.Image, list[PlacedObject]]:
     image = Image.new("RGB", (width, height), BACKGROUND_RGB)
     draw = ImageDraw.Draw(image)
     placed = []
-    for (colour, shape), box in zip(objects, boxes):
+    for (colour, shape), box in objects:
         _draw_shape(draw, shape, box, COLOUR_RGB[colour])
         cx, cy = box.centre
         placed.append(PlacedObject(colour, shape, cx, cy, box.side))
     return image, placed
+
+
+def render_near_miss(spec: SceneSpec, width: int, height: int, holdout: Holdout, rng: random.Random
+                     ) -> tuple[Image.Image, Image.Image, SceneSpec]:
+    """The scene and a near miss of it: the same layout with one checked property wrong, so that a preference pair
+    (scene chosen, near miss rejected) differs in that property alone. (image, near-miss image, near-miss spec).
+
+    single: another of the colour's training shapes in the same place (never a held-out pair);
+    count: one object fewer or one more (the larger layout drawn with one object left out);
+    relation: the two objects in each other's places (the inverse relation)."""
+    if spec.kind == "single":
+        others = [s for c, s in holdout.train_pairs() if c == spec.colour and s != spec.shape]
+        if not others:
+            raise ValueError(f"no training shape besides {spec.shape!r} for {spec.colour!r}")
+        wrong = replace(spec, shape=rng.choice(others))
+        box = _layout(spec, width, height, rng)[0]
+        return (_draw_scene([(spec.pairs()[0], box)], width, height)[0],
+                _draw_scene([(wrong.pairs()[0], box)], width, height)[0], wrong)
+    if spec.kind == "relation":
+        a, b = _layout(spec, width, height, rng)
+        first, second = spec.pairs()
+        wrong = replace(spec, relation=INVERSE_RELATION[spec.relation])
+        return (_draw_scene([(first, a), (second, b)], width, height)[0],
+                _draw_scene([(first, b), (second, a)], width, height)[0], wrong)
+    n = spec.count
+    m = rng.choice([c for c in (n - 1, n + 1) if c <= max(COUNT_WORDS)])
+    larger = _layout(replace(spec, count=max(n, m)), width, height, rng)
+    smaller = larger[:]
+    del smaller[rng.randrange(len(smaller))]
+    scene, miss = (larger, smaller) if n > m else (smaller, larger)
+    wrong = replace(spec, count=m) if m >= 2 else SceneSpec("single", spec.colour, spec.shape)
+    pair = spec.pairs()[0]
+    return (_draw_scene([(pair, box) for box in scene], width, height)[0],
+            _draw_scene([(pair, box) for box in miss], width, height)[0], wrong)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -390,6 +390,10 @@ class PreferenceConfig(Strict):
     # the smallest verifier-score gap a pair needs (0: any difference; 1/3 is one check of a single or count scene).
     kinds: list[Literal["single", "count", "relation"]] = Field(["single", "count", "relation"], min_length=1)
     min_score_gap: float = Field(0.0, ge=0)
+    # Synthetic task: this many rendered scenes (chosen) against a near miss of each (rejected: one object more or
+    # fewer, the two objects swapped, or another shape in the same place), added to the sampled pairs. Each pair
+    # differs in the one property its caption checks, so DPO's contrast is that property alone.
+    near_miss_pairs: int = Field(0, ge=0)
     samples_per_prompt: int = Field(4, ge=2)
     steps: int = Field(20, gt=0)
     cfg: float = Field(4.0, ge=1.0)

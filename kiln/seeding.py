@@ -58,3 +58,8 @@ def eval_batch(seed: int, start: int) -> int:
 def eval_baseline(seed: int) -> int:
     """The eval stage's baseline: each image checked against a random caption of its split and kind."""
     return seed + 1
+
+
+def near_miss(seed: int) -> int:
+    """The preference stage's rendered near-miss pairs (their scenes and phrasing), apart from its sampled prompts."""
+    return seed * 1000003 + 7

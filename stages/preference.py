@@ -4,7 +4,9 @@ Default: for each of `preference.prompts` training prompts from the task (stages
 composition, or captions of the curated training split), sample K images from the current model with different
 noise, score each with the judge (the programmatic verifier, a learned reward model, or on task captions the
 features stage's contrastive scorer), and keep the best against the worst where their scores differ. Alternatively load human-labelled pairs in
-Pick-a-Pic's layout (caption, jpg_0, jpg_1, label_0) through Hugging Face `datasets`.
+Pick-a-Pic's layout (caption, jpg_0, jpg_1, label_0) through Hugging Face `datasets`. On the synthetic task,
+`preference.near_miss_pairs` adds rendered scenes against near misses of them (kinds "near_miss_<kind>"): pairs that
+differ in the one property the caption checks.
 
 Pairs are shards (one bucket: the evaluated resolution), one record per prompt: the chosen and rejected VAE latents
 (what DPO trains on), the caption's text embedding, and every judged image of the prompt as uint8 pixels with its
@@ -15,6 +17,7 @@ the chosen and rejected scores.
 from __future__ import annotations
 
 import io
+import itertools
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 
 from data.shards import ShardWriter, read_manifest
 from kiln.generate import generate_latents, to_pil, to_uint8
+from kiln import seeding
 from kiln.geometry import vae_factor
 from kiln.images import image_tensor
 from kiln.stage_io import StageResult
@@ -74,6 +78,31 @@ def sample_pairs(cfg, inputs: dict, model, vae, resolution: int, device):
             gap = float(scores[i, best] - scores[i, worst])
             if gap > 0 and gap >= pcfg.min_score_gap:
                 yield kind, text, latents[i, best], latents[i, worst], pixels[i], scores[i]
+
+
+@torch.no_grad()
+def near_miss_pairs(cfg, inputs: dict, vae, resolution: int, device):
+    """Yield records of rendered training scenes (chosen) against their near misses (rejected), as sample_pairs
+    does (K = 2, chosen first); a pair the judge does not rank scene over near miss is dropped."""
+    pcfg = cfg.preference
+    task = task_for(cfg, inputs, device)
+    if not hasattr(task, "near_miss_pairs"):
+        raise ValueError("preference.near_miss_pairs renders scenes, which only the synthetic task can: set it to 0 "
+                         "for your own images")
+    judge = make_judge(cfg, inputs, device)
+    rendered = task.near_miss_pairs(pcfg.near_miss_pairs, seeding.near_miss(pcfg.seed), pcfg.kinds, resolution)
+    for start in tqdm(range(0, len(rendered), pcfg.batch_size), desc="preference (near misses)", unit="batch"):
+        chunk = rendered[start : start + pcfg.batch_size]
+        images = [image for _, _, scene, miss in chunk for image in (scene, miss)]
+        captions = [text for _, text, _, _ in chunk for _ in range(2)]
+        scores = torch.tensor(judge(images, captions)).view(len(chunk), 2)  # (P, 2): scene, near miss
+        pixels = torch.stack([image_tensor(image) for image in images])  # (2P, 3, H, W) in [-1, 1]
+        latents = encode_images(vae, pixels.to(device))
+        latents = latents.view(len(chunk), 2, *latents.shape[1:])  # (P, 2, C, h, w)
+        pixels = to_uint8(pixels).view(len(chunk), 2, *pixels.shape[1:])  # (P, 2, 3, H, W)
+        for i, (kind, text, _, _) in enumerate(chunk):
+            if scores[i, 0] > scores[i, 1]:
+                yield f"near_miss_{kind}", text, latents[i, 0], latents[i, 1], pixels[i], scores[i]
 
 
 def _as_image(value) -> Image.Image:
@@ -138,6 +167,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     resolution = cfg.eval.resolution or meta.get("resolution") or cfg.train.rungs[-1].resolution
     pairs = labelled_pairs(cfg, vae, resolution, device) if cfg.preference.dataset else \
         sample_pairs(cfg, inputs, model, vae, resolution, device)
+    if cfg.preference.near_miss_pairs:
+        pairs = itertools.chain(pairs, near_miss_pairs(cfg, inputs, vae, resolution, device))
     encoder = text_encoder_for(cfg, device)
     n, gaps, chosen_scores, kinds = 0, 0.0, 0.0, {}
     with ShardWriter(out_dir / "shards", max_samples_per_shard=cfg.data.max_samples_per_shard) as writer:
@@ -161,6 +192,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     metrics = {"preference/pairs": n, "preference/score_gap": gaps / n, "preference/chosen_score": chosen_scores / n,
                **{f"preference/pairs_{k}": v for k, v in kinds.items()}}
     if not cfg.preference.dataset:
-        metrics["preference/kept_fraction"] = n / cfg.preference.prompts
+        sampled = sum(v for k, v in kinds.items() if not k.startswith("near_miss_"))
+        metrics["preference/kept_fraction"] = sampled / cfg.preference.prompts
     tracker.log_metrics(metrics)
     return StageResult("preference", out_dir, metrics, read_manifest(out_dir / "shards")["content_hash"])

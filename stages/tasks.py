@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 
 
-from data.synthetic import KINDS, caption, eval_prompts, make_holdout, sample_spec
+from data.synthetic import KINDS, caption, eval_prompts, make_holdout, render_near_miss, sample_spec
 from kiln import seeding
 from kiln.contrastive import alignment_scorer
 
@@ -34,6 +34,17 @@ class SyntheticTask:
         for i in range(n):
             spec = sample_spec(rng, self.holdout, "train", kinds[i % len(kinds)])
             out.append((spec.kind, caption(spec, rng)))
+        return out
+
+    def near_miss_pairs(self, n: int, seed: int, kinds, resolution: int) -> list[tuple[str, str, object, object]]:
+        """n (kind, caption, scene, near miss) training scenes rendered at resolution x resolution, kinds in turn:
+        PIL images that differ in one checked property (data/synthetic.py's render_near_miss)."""
+        rng = random.Random(seed)
+        out = []
+        for i in range(n):
+            spec = sample_spec(rng, self.holdout, "train", kinds[i % len(kinds)])
+            scene, miss, _ = render_near_miss(spec, resolution, resolution, self.holdout, rng)
+            out.append((spec.kind, caption(spec, rng), scene, miss))
         return out
 
     def heldout_prompts(self, n: int, seed: int, kinds=KINDS) -> list[str]:

@@ -504,3 +504,17 @@ def test_lora_dpo_on_two_processes_follows_one_process(labelled_pairs, pretraine
     assert a.keys() == b.keys() and all(".lora_" in k for k in a)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-5
     assert max(v.abs().max().item() for k, v in a.items() if ".lora_B." in k) > 1e-3  # the adapter trained
+
+
+def test_near_miss_pairs_are_rendered_scenes_against_their_near_misses(pretrained, tmp_path):
+    """preference.near_miss_pairs adds rendered pairs (kinds in turn) to the sampled ones; the verifier ranks every
+    kept scene over its near miss, and the two latents differ."""
+    root, latents = pretrained
+    # No sampled pair clears a score gap above 1, so every record here is a near miss.
+    cfg = _cfg("preference.near_miss_pairs=6", "preference.min_score_gap=1.5", "preference.kinds=[count,relation]")
+    run_without_orchestration([("preference", "preference", {"model": root / "pretrain", "vae": latents / "vae"})],
+                              cfg, tmp_path)
+    pairs = list(iter_samples(tmp_path / "preference" / "shards", load_images=False))
+    assert sorted(p["meta"]["kind"] for p in pairs) == ["near_miss_count"] * 3 + ["near_miss_relation"] * 3
+    assert all(p["meta"]["score_chosen"] == 1.0 > p["meta"]["score_rejected"] for p in pairs)
+    assert all(not torch.equal(p["chosen"], p["rejected"]) for p in pairs)

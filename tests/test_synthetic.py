@@ -17,6 +17,7 @@ from data.synthetic import (
     make_holdout,
     parse_caption,
     render,
+    render_near_miss,
     sample_spec,
 )
 
@@ -232,3 +233,24 @@ def test_eval_prompts(holdout):
     assert [s.kind for s in train] == ["single"] * 6 + ["count"] * 6 + ["relation"] * 6
     assert all(holdout.is_training_spec(s) for s in train)
     assert train != eval_prompts(holdout, "train", n_per_kind=6, seed=1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_near_miss_differs_in_the_checked_property_alone(holdout, kind):
+    """The verifier reads the scene as its caption and the near miss as the near-miss spec: one object more or
+    fewer, the relation inverted, or another training shape of the colour (never a held-out pair)."""
+    from reward.verifier import verify
+
+    rng = random.Random(3)
+    for _ in range(12):
+        spec = sample_spec(rng, holdout, "train", kind)
+        scene, miss, wrong = render_near_miss(spec, 128, 128, holdout, rng)
+        assert verify(scene, caption(spec, rng)).correct
+        assert verify(miss, caption(wrong, rng)).correct
+        assert not verify(miss, caption(spec, rng)).correct
+        if kind == "count":
+            assert abs(wrong.count - spec.count) == 1 and (wrong.colour, wrong.shape) == (spec.colour, spec.shape)
+        elif kind == "relation":
+            assert wrong.normalised().pairs() == list(reversed(spec.normalised().pairs()))
+        else:
+            assert wrong.colour == spec.colour and wrong.shape != spec.shape and holdout.is_training_spec(wrong)
