@@ -647,6 +647,8 @@ class KilnConfig(Strict):
             if judged and self.preference_judge() in SYNTHETIC_SCORES:
                 raise ValueError(f"task captions: preference.judge {self.preference.judge} reads the synthetic grammar;"
                                  f" use alignment or reward_model")
+            if "preference" in post and self.preference.near_miss_pairs:
+                raise ValueError("task captions: preference.near_miss_pairs renders synthetic scenes; set it to 0")
             synthetic = [name for name in self.grpo_reward_weights() if name in SYNTHETIC_SCORES]
             if "grpo" in post and synthetic:
                 raise ValueError(f"task captions: grpo.reward {synthetic} reads the synthetic grammar; use "

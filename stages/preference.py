@@ -25,8 +25,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data.shards import ShardWriter, read_manifest
-from kiln.generate import generate_latents, to_pil, to_uint8
 from kiln import seeding
+from kiln.generate import generate_latents, to_pil, to_uint8
 from kiln.geometry import vae_factor
 from kiln.images import image_tensor
 from kiln.stage_io import StageResult
@@ -85,12 +85,9 @@ def near_miss_pairs(cfg, inputs: dict, vae, resolution: int, device):
     """Yield records of rendered training scenes (chosen) against their near misses (rejected), as sample_pairs
     does (K = 2, chosen first); a pair the judge does not rank scene over near miss is dropped."""
     pcfg = cfg.preference
-    task = task_for(cfg, inputs, device)
-    if not hasattr(task, "near_miss_pairs"):
-        raise ValueError("preference.near_miss_pairs renders scenes, which only the synthetic task can: set it to 0 "
-                         "for your own images")
     judge = make_judge(cfg, inputs, device)
-    rendered = task.near_miss_pairs(pcfg.near_miss_pairs, seeding.near_miss(pcfg.seed), pcfg.kinds, resolution)
+    # Synthetic task only: the config refuses near_miss_pairs on task captions before any compute.
+    rendered = task_for(cfg, inputs, device).near_miss_pairs(pcfg.near_miss_pairs, seeding.near_miss(pcfg.seed), pcfg.kinds, resolution)
     for start in tqdm(range(0, len(rendered), pcfg.batch_size), desc="preference (near misses)", unit="batch"):
         chunk = rendered[start : start + pcfg.batch_size]
         images = [image for _, _, scene, miss in chunk for image in (scene, miss)]

@@ -22,6 +22,8 @@ def test_the_task_follows_the_sources_and_refuses_what_it_cannot_judge():
         with pytest.raises(ConfigError) as error:
             load_config("tiny", [SOURCE, option])
         assert "\n" not in str(error.value) and "reads the synthetic grammar" in str(error.value)
+    with pytest.raises(ConfigError, match="near_miss_pairs renders synthetic scenes"):
+        load_config("tiny", [SOURCE, "preference.near_miss_pairs=8"])
     with pytest.raises(ConfigError, match="synthetic world's verifier cannot judge"):
         load_config("smoke", [SOURCE, "task=synthetic", "post_training=[]"])
 
