@@ -471,6 +471,14 @@ class GrpoConfig(Strict):
     shared_initial_noise: bool = True
     # Fraction of the window's steps trained on per sample (Flow-GRPO's timestep_fraction); the rest only sampled.
     timestep_fraction: float = Field(1.0, gt=0, le=1)
+    # What the sampled groups train: flow_grpo, the clipped surrogate on the SDE window's step log-probs (above);
+    # nft, DiffusionNFT's forward-process objective (Zheng et al. 2025): each image's flow-matching loss at fresh
+    # (t, noise), contrasting an implicit positive and negative policy around the sampling one by the image's
+    # advantage. nft needs no log-probs and trains the conditional velocity only (no CFG in training); beta is then
+    # the weight of the velocity MSE to the reference.
+    objective: Literal["flow_grpo", "nft"] = "flow_grpo"
+    nft_beta: float = Field(1.0, gt=0)  # DiffusionNFT's beta: smaller moves further per update
+    nft_timesteps: int = Field(2, gt=0)  # (t, noise) draws per image and pass, from pretraining's t distribution
     # Held-out prompts (verifier, ODE sampling at eval.cfg, fixed noise) scored after every step: the curve that
     # tells a policy that learns from one that drifts. 0: none.
     heldout_prompts: int = Field(12, ge=0)

@@ -74,11 +74,15 @@ def drop_tokens(mask, p: float, generator=None, rows: slice | None = None, globa
     return torch.where(empty[:, None], mask, kept)
 
 
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t noise; x0, noise: (B, N, C*4) packed tokens, t: (B,)."""
+    return (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+
+
 def velocity_errors(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text, mask, grid) -> torch.Tensor:
     """(B,) per-sample MSE between the predicted velocity at x_t and the target noise - x0, for a given t and noise.
     x0, noise: (B, N, C*4) packed tokens; t: (B,). The objective's core, shared with Diffusion-DPO."""
-    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    pred = predict(model, x_t, t, text, mask, grid)
+    pred = predict(model, interpolate(x0, noise, t), t, text, mask, grid)
     return (pred.float() - (noise - x0).float()).pow(2).mean(dim=(1, 2))
 
 

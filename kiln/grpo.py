@@ -12,6 +12,9 @@ Parameter names follow TRL's GRPOConfig: `num_generations` (group size), `scale_
 `informative_groups` marks the groups whose rewards differ (the others carry no signal and are skipped) and
 `window_step_losses` yields that loss for each trained step of a rollout sampled with kiln/sampler.py's
 `sample_sde(..., window=...)`: the stage and the toy test share it.
+
+`nft_loss` is the other objective the stage offers (grpo.objective: nft): DiffusionNFT trains the same groups and
+advantages on the forward process (fresh t and noise for each sampled image), without step log-probs.
 """
 
 from __future__ import annotations
@@ -98,6 +101,31 @@ def informative_groups(rewards: torch.Tensor, num_generations: int, tol: float =
     grouped = rewards.float().view(-1, num_generations)  # (B/G, G)
     spread = grouped.max(dim=1).values - grouped.min(dim=1).values
     return (spread > tol).repeat_interleave(num_generations)
+
+
+# DiffusionNFT's advantage clip: r = 0.5 + 0.5 * clamp(A / ADVANTAGE_CLIP, -1, 1) maps group-normalised advantages
+# (|A| <= (G - 1) / sqrt(G), 2.5 for a group of 8) into [0, 1] without saturating.
+ADVANTAGE_CLIP = 5.0
+
+
+def nft_loss(velocity: torch.Tensor, old_velocity: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor, *,
+             beta: float = 1.0):
+    """DiffusionNFT's per-sample objective (Zheng et al. 2025, "Online Diffusion Reinforcement with Forward
+    Process"): velocity, old_velocity (the policy that sampled the images, detached), target (noise - x0): (B, N, D)
+    at one x_t; advantages (B,). Returns (B,) losses.
+
+    With r = 0.5 + 0.5 clamp(A / ADVANTAGE_CLIP, -1, 1), the implicit positive policy (1 - beta) v_old + beta v is fit
+    to the image with weight r and the implicit negative (1 + beta) v_old - beta v with weight 1 - r. The minimiser is
+    v = v_old + (2r - 1) / beta (target - v_old): towards an image with A > 0, away from one with A < 0, by at most
+    1 / beta of the way, so the step is bounded without a ratio to clip. At v = v_old the gradient is
+    2 beta (2r - 1)(v_old - target): advantage-weighted flow matching (the policy gradient with the ELBO for the
+    log-likelihood), whose noise is that of pretraining's loss rather than of an SDE step's Gaussian."""
+    r = (0.5 + 0.5 * (advantages / ADVANTAGE_CLIP).clamp(-1, 1)).to(velocity.dtype)  # (B,)
+    old_velocity = old_velocity.detach()
+    positive = (1 - beta) * old_velocity + beta * velocity
+    negative = (1 + beta) * old_velocity - beta * velocity
+    dims = tuple(range(1, velocity.ndim))
+    return r * (positive - target).pow(2).mean(dim=dims) + (1 - r) * (negative - target).pow(2).mean(dim=dims)
 
 
 def window_step_losses(policy, reference, trajectory: torch.Tensor, old_log_probs: torch.Tensor,

@@ -11,7 +11,10 @@ and pass. The first pass over a fresh rollout is on-policy: its importance ratio
 `ratio_dev`). Only training compositions are ever sampled; `heldout_prompts` held-out ones are drawn with the ODE
 sampler from fixed noise after every step and scored by the task (the verifier; on task captions the contrastive
 scorer's alignment, which the learned reward GRPO optimises is not), with the KL to the reference, so the log shows
-whether the policy learns or drifts. Prompts come from the task (stages/tasks.py): the grammar's training
+whether the policy learns or drifts. With `objective: nft` the same groups and advantages train DiffusionNFT's
+forward-process loss instead (kiln/grpo.py `nft_loss`): each kept image's conditional velocity at `nft_timesteps`
+fresh (t, noise) draws, against the sampling policy's velocity (cached on the first pass) and, for the logged and
+penalised KL, the reference's velocity. Prompts come from the task (stages/tasks.py): the grammar's training
 compositions, or the captions of the curated training split.
 
 Under torchrun each of N processes samples and scores the groups of prompts_per_step / N prompts (a group never
@@ -31,10 +34,11 @@ from data.synthetic import KINDS
 from kiln import distributed, seeding
 from kiln.checkpoint import resolve_checkpoint
 from kiln.diffusion import Denoiser, make_process
+from kiln.flow import interpolate, sample_timesteps
 from kiln.generate import generate_latents, initial_noise, to_pil
 from kiln.geometry import token_grid, vae_factor
-from kiln.grpo import group_advantages, informative_groups, window_step_losses
-from kiln.models import unpack
+from kiln.grpo import group_advantages, informative_groups, nft_loss, window_step_losses
+from kiln.models import predict, unpack
 from kiln.sampler import flow_sigmas, guided_prediction, sample_sde
 from kiln.stage_io import StageResult, hash_files
 from kiln.text_encoder import text_encoder_for
@@ -130,6 +134,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
             images = decode_latents(vae, unpack(x0, h, w))  # (B, 3, H, W)
             rewards, parts = reward(images, captions)  # (B,)
         return {"text": text, "mask": mask, "null": (null_b, null_mask_b), "trajectory": trajectory,  # (B, n+1, N, D)
+                "x0": x0,  # (B, N, D)
                 "old_log_probs": old_log_probs, "start": start, "rewards": rewards, "parts": parts,
                 "advantages": group_advantages(rewards, group, gcfg.scale_rewards).to(device),  # (B,)
                 "keep": informative_groups(rewards, group).to(device)}
@@ -138,6 +143,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         rows = lambda t: t[keep]  # noqa: E731
         return {**batch, "text": rows(batch["text"]), "mask": rows(batch["mask"]),
                 "null": tuple(rows(t) for t in batch["null"]), "trajectory": rows(batch["trajectory"]),
+                "x0": rows(batch["x0"]),
                 "old_log_probs": rows(batch["old_log_probs"]), "advantages": rows(batch["advantages"])}
 
     def sampled_batches():
@@ -181,6 +187,11 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
                 "sampling_rounds": rounds, "window_start": batch["start"], **probed}
             # The same subset of window steps for the whole batch.
             batch["train_steps"] = sorted(step_rng.sample(range(window), n_train))
+            if gcfg.objective == "nft":  # the (t, noise) draws of every pass over this batch: (K, B) and (K, B, N, D)
+                rows, k = batch["x0"].shape[0], gcfg.nft_timesteps
+                batch["nft_t"] = sample_timesteps(k * rows, grid[0] * grid[1], cfg.objective, cfg.scheduler,
+                                                  generator, device).view(k, rows)
+                batch["nft_noise"] = torch.randn((k, *batch["x0"].shape), generator=generator, device=device)
             for _ in range(gcfg.num_iterations):
                 yield batch
 
@@ -203,5 +214,31 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
             torch.tensor(v, device=device)).item() for k, v in sums.items()}
         return {**sums, **batch["metrics"]}
 
-    trainer.fit(forward_backward, sampled_batches)
+    def nft_forward_backward(batch: dict) -> dict:
+        """DiffusionNFT on the batch's clean images: per (t, noise) draw, the conditional velocity against the
+        policy's velocity at the first pass (the sampling policy) and the reference's; gradients accumulated."""
+        x0, text, mask, n = batch["x0"], batch["text"], batch["mask"], gcfg.nft_timesteps
+        first_pass = "old_velocity" not in batch
+        if first_pass:
+            batch["old_velocity"] = []
+        sums = {"loss": 0.0, "nft_loss": 0.0, "kl": 0.0}
+        for k in range(n):
+            t, noise = batch["nft_t"][k], batch["nft_noise"][k]  # (B,), (B, N, D)
+            x_t = interpolate(x0, noise, t)
+            velocity = predict(policy, x_t, t, text, mask, grid)  # (B, N, D)
+            with torch.no_grad():
+                ref_velocity = predict(reference, x_t, t, text, mask, grid)
+            if first_pass:
+                batch["old_velocity"].append(velocity.detach())
+            per_sample = nft_loss(velocity, batch["old_velocity"][k], noise - x0, batch["advantages"],
+                                  beta=gcfg.nft_beta)  # (B,)
+            kl = (velocity - ref_velocity).pow(2).mean()  # velocity-space distance to the reference
+            loss = per_sample.mean() + gcfg.beta * kl
+            (loss / n).backward()
+            for key, value in (("loss", loss), ("nft_loss", per_sample.mean()), ("kl", kl)):
+                sums[key] += float(value.detach()) / n
+        sums = {k: distributed.mean_across(torch.tensor(v, device=device)).item() for k, v in sums.items()}
+        return {**sums, **batch["metrics"]}
+
+    trainer.fit(nft_forward_backward if gcfg.objective == "nft" else forward_backward, sampled_batches)
     return StageResult("grpo", out_dir, {"steps": trainer.step}, hash_files(out_dir / "checkpoints"))

@@ -113,7 +113,7 @@ def test_post_training_options_keep_trl_vocabulary():
     assert set(GrpoConfig.model_fields) - shared == {  # diffusion-specific, no TRL counterpart
         "reward", "reward_model", "prompts_per_step", "num_inference_steps", "noise_level", "cfg",
         "timestep_fraction", "prompt_kinds", "sde_window", "sde_window_starts", "shared_initial_noise",
-        "heldout_prompts"}
+        "heldout_prompts", "objective", "nft_beta", "nft_timesteps"}
 
 
 @pytest.mark.parametrize(

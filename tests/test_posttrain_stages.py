@@ -223,19 +223,33 @@ def test_dpo_trains_the_policy_to_prefer_the_chosen_images_of_its_pairs(labelled
     assert (margins > 0).float().mean() > 0.65  # the implicit reward accuracy, from 0 at the start
 
 
-@pytest.mark.parametrize("stage", ["dpo", "grpo"])
+@pytest.mark.parametrize("stage", ["dpo", "grpo", "grpo_nft"])
 def test_preference_stages_resume_to_identical_weights(stage, labelled_pairs, pretrained, tmp_path, monkeypatch,
                                                        crash_at):
     root, latents = pretrained
-    module = {"dpo": dpo, "grpo": grpo}[stage]
+    module = {"dpo": dpo, "grpo": grpo, "grpo_nft": grpo}[stage]
+    # nft: two passes over each sampled batch, the second against the first pass's (cached) velocities.
+    nft = ["grpo.objective=nft", "grpo.num_iterations=2", "grpo.max_steps=4"] if stage == "grpo_nft" else []
     cfg = _cfg("cadence.checkpoint_every=2", "cadence.keep_checkpoints=5", "dpo.max_steps=4", "grpo.max_steps=3",
-               "grpo.reward=verifier")
+               "grpo.reward=verifier", *nft)
     inputs = {"pairs": labelled_pairs, "init": root / "pretrain", "vae": latents / "vae"}
+
+    def brightness_reward():  # a reward that differs within every group of the smoke model's images
+        if stage == "grpo_nft":
+            reward = lambda images, captions: (images.mean(dim=(1, 2, 3)), {"brightness": images.mean(dim=(1, 2, 3))})
+            monkeypatch.setattr(grpo, "make_reward", lambda *args: reward)
+
+    brightness_reward()
     recorder = Recorder()
     module.run(cfg, inputs, tmp_path / "straight", recorder)
     logged = {k for m in recorder.metrics for k in m}
     if stage == "dpo":
         assert {"train/loss", "train/rewards/accuracies", "train/rewards/margins"} <= logged
+    elif stage == "grpo_nft":
+        assert {"train/reward", "train/kl", "train/nft_loss", "train/reward_brightness", "train/informative_groups",
+                "train/heldout_correct", "train/heldout_score"} <= logged
+        kl = [m["train/kl"] for m in recorder.metrics if "train/kl" in m]
+        assert kl[0] == 0.0 and max(kl) > 0  # the policy starts at the reference and leaves it
     else:
         assert {"train/reward", "train/kl", "train/clipfrac", "train/reward_verifier", "train/ratio_dev",
                 "train/informative_groups", "train/heldout_correct", "train/heldout_score"} <= logged
@@ -244,6 +258,7 @@ def test_preference_stages_resume_to_identical_weights(stage, labelled_pairs, pr
     with pytest.raises(RuntimeError, match="simulated crash"):
         module.run(cfg, inputs, tmp_path / "crashed", Tracker(None))
     monkeypatch.undo()
+    brightness_reward()
     module.run(cfg, inputs, tmp_path / "crashed", Tracker(None))  # resumes from step 2
     a = load_file(str(latest_checkpoint(tmp_path / "straight" / "checkpoints") / "model.safetensors"))
     b = load_file(str(latest_checkpoint(tmp_path / "crashed" / "checkpoints") / "model.safetensors"))
