@@ -8,6 +8,7 @@ python benchmarks/ablation.py --run runs/NAME --out ablations/NAME [--set key=va
 python benchmarks/ablation.py --run runs/NAME --out ablations/NAME-eval --eval-only   # the run's own rungs
 python benchmarks/ablation.py --run runs/NAME --out OUT --start-rung 1 --set train.rungs.1.steps=...  # the last rung only
 python benchmarks/ablation.py --run runs/NAME --out OUT --end-rung 1 --set train.rungs.0.steps=...  # the first rung only
+python benchmarks/ablation.py --run runs/NAME --out OUT --retrain-vae --set vae.train.kl_weight=...  # a new VAE and latents too
 
 Prints one line per rung: training seconds, final loss, and held-out / training accuracies (the same larger eval
 for every row, so rows compare).
@@ -44,6 +45,8 @@ def main() -> None:
                         help="retrain from this rung on; earlier rungs are the run's own (only the later ones cost)")
     parser.add_argument("--end-rung", type=int, default=None,
                         help="stop before this rung (a cheap screen of the early rungs)")
+    parser.add_argument("--retrain-vae", action="store_true",
+                        help="train the VAE again with the overrides (then the latents), on the run's data")
     args = parser.parse_args()
     run, out = Path(args.run), Path(args.out)
     cfg = load_config(args.preset, [*args.overrides, f"eval.prompts_per_kind={args.eval_prompts}",
@@ -59,11 +62,17 @@ def main() -> None:
         return
 
     source = read_stage_manifest(run / "data")["config"]
-    if TextEncoderConfig(**source["text_encoder"]) == cfg.text_encoder and DataConfig(**source["data"]) == cfg.data:
+    same_data = TextEncoderConfig(**source["text_encoder"]) == cfg.text_encoder and DataConfig(**source["data"]) == cfg.data
+    data = run / "data" if same_data else out / "data"
+    if not same_data:  # the cached shards are of other data or the old encoder's: redo them
+        run_without_orchestration([("data", "data", {})], cfg, out)
+    if args.retrain_vae:  # the rungs and evals below then read this VAE
+        run_without_orchestration([("vae", "vae", {"data": data})], cfg, out)
+        run = _with_vae(run, out)
+    if same_data and not args.retrain_vae:
         latents = run / "latents"
-    else:  # the cached shards are of other data or the old encoder's: redo them, reusing the trained VAE
-        run_without_orchestration([("data", "data", {}),
-                                   ("latents", "latents", {"data": out / "data", "vae": run / "vae"})], cfg, out)
+    else:  # latents of the new data or from the new VAE
+        run_without_orchestration([("latents", "latents", {"data": data, "vae": run / "vae"})], cfg, out)
         latents = out / "latents"
 
     previous = None
@@ -84,6 +93,17 @@ def main() -> None:
                              inputs={"vae": str(run / "vae")}, metrics=result.metrics)
         previous = stage_dir
         report(cfg, stage_dir, run, out, rung, result.metrics, seconds)
+
+
+def _with_vae(run: Path, out: Path) -> Path:
+    """A run folder that is `run` with out/vae as its VAE (links to the run's other stages)."""
+    mixed = out / "run-with-new-vae"
+    mixed.mkdir()
+    for stage in run.iterdir():
+        if stage.name != "vae":
+            (mixed / stage.name).symlink_to(stage.resolve())
+    (mixed / "vae").symlink_to((out / "vae").resolve())
+    return mixed
 
 
 def report(cfg, stage_dir: Path, run: Path, out: Path, rung, train_metrics: dict, seconds: float | None) -> None:

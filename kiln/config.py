@@ -298,6 +298,9 @@ class TrainConfig(Strict):
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast applies on GPU only
     # How a first rung starts: DiT's adaLN-Zero, or diffusers' default init (kept to measure the difference).
     init: Literal["adaln_zero", "diffusers"] = "adaln_zero"
+    # The ladder's own seed (model init, t, noise, caption dropout, batch order); None: the run's seed. Apart from
+    # the data, VAE and latents (which the run's seed draws), so a seed's failure can be traced to one or the other.
+    seed: int | None = None
 
     @field_validator("rungs")
     @classmethod

@@ -51,7 +51,9 @@ class Rung:
         # in lora.stages trains an adapter over them.
         self.cfg, self.rung, self.latents_dir, self.init = cfg, rung, Path(latents_dir), init
         device = training_device(cfg)
-        torch.manual_seed(seeding.rung(cfg.seed, seed_index))  # model init is part of the run's determinism
+        # SFT keeps the run's seed; the ladder may have its own (train.seed).
+        self.seed = cfg.seed if stage == "sft" or cfg.train.seed is None else cfg.train.seed
+        torch.manual_seed(seeding.rung(self.seed, seed_index))  # model init is part of the run's determinism
         manifest = read_manifest(self.latents_dir / "shards")
         if "latents" not in manifest.get("fields", []):
             raise ValueError(f"pretrain: shards at {latents_dir} hold no latents: run the latents stage first")
@@ -66,7 +68,7 @@ class Rung:
         lora = cfg.lora if cfg.uses_lora(stage) else None  # the trainer refuses a LoRA stage with nothing under it
         optim = cfg.train.optim
         self.position = DataPosition()
-        self.generator = torch.Generator(device=device).manual_seed(seeding.rung(cfg.seed, seed_index))
+        self.generator = torch.Generator(device=device).manual_seed(seeding.rung(self.seed, seed_index))
         self.trainer = Trainer(
             label, model, cfg, steps=rung.steps, lr=rung.lr or optim.lr,
             schedule=Schedule(warmup=optim.warmup_steps, total=rung.steps, decay="cosine", floor=0.1),
@@ -81,7 +83,7 @@ class Rung:
 
     def batches(self):
         cadence = self.cfg.cadence
-        loader = BucketBatches(self.latents_dir / "shards", self.rung.batch_size, seed=self.cfg.seed,
+        loader = BucketBatches(self.latents_dir / "shards", self.rung.batch_size, seed=self.seed,
                                buckets=self.buckets, start=self.position.value, cache_in_memory=cadence.cache_in_memory)
         if cadence.cache_in_memory:
             loader.preload()  # decode once, up front, so the training loop never waits on shard decoding

@@ -154,3 +154,20 @@ def test_sigkill_mid_stage_then_rerun_gives_identical_weights(smoke_latents, tmp
     assert written and "step-40" not in written, written
     _run(cfg, smoke_latents, tmp_path / "killed")
     _same_weights(tmp_path / "straight", tmp_path / "killed", 40)
+
+
+def test_the_ladder_seed_draws_the_init_apart_from_the_runs_seed(smoke_latents, tmp_path):
+    """train.seed gives the rungs another init (and t, noise, batch order) on the same data; SFT keeps the run's."""
+    def first_weights(overrides, stage="pretrain-32"):
+        cfg = load_config("smoke", overrides)
+        rung = pretrain.Rung(cfg, cfg.train.rungs[0], 0, smoke_latents / "latents", tmp_path / "r", Tracker(None),
+                             "r", stage, None)
+        return rung.seed, {k: v.clone() for k, v in rung.trainer.model.state_dict().items()}
+
+    seed, own = first_weights([])
+    other_seed, other = first_weights(["train.seed=5"])
+    same_seed, same = first_weights(["seed=5"])
+    assert (seed, other_seed, same_seed) == (0, 5, 5)
+    assert any(not torch.equal(own[k], other[k]) for k in own)
+    assert all(torch.equal(other[k], same[k]) for k in other)
+    assert first_weights(["train.seed=5"], stage="sft")[0] == 0
