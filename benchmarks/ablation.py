@@ -62,7 +62,11 @@ def main() -> None:
         return
 
     source = read_stage_manifest(run / "data")["config"]
-    same_data = TextEncoderConfig(**source["text_encoder"]) == cfg.text_encoder and DataConfig(**source["data"]) == cfg.data
+    # The run's seed draws the synthetic data and the rungs' resolutions size it: another seed or ladder needs its
+    # own shards.
+    same_data = (TextEncoderConfig(**source["text_encoder"]) == cfg.text_encoder
+                 and DataConfig(**source["data"]) == cfg.data and source["seed"] == cfg.seed
+                 and [r["resolution"] for r in source["train"]["rungs"]] == [r.resolution for r in cfg.train.rungs])
     data = run / "data" if same_data else out / "data"
     if not same_data:  # the cached shards are of other data or the old encoder's: redo them
         run_without_orchestration([("data", "data", {})], cfg, out)

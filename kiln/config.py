@@ -163,6 +163,9 @@ class VaeTrainConfig(Strict):
     kl_weight: float = Field(1e-6, ge=0)
     foreground_weight: float = Field(10.0, ge=1)
     grad_clip: float = Field(1.0, gt=0)
+    # Each crop's RGB channels put in a random order with this probability: an image codec should not learn which
+    # colours go with which shapes in its training data (the DiT learns that from the captions).
+    channel_permute: float = Field(0.0, ge=0, le=1)
     # Synthetic task: a VAE that keeps a colour in fewer than this share of reconstructions is trained again from
     # another seed, up to `attempts` times in all (stages/vae.py reconstruction_check; one seed in five lost red).
     min_colour_kept: float = Field(0.9, ge=0, le=1)

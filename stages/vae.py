@@ -38,14 +38,18 @@ def foreground_mask(images: torch.Tensor) -> torch.Tensor:
     return (chroma > 0.4).float()
 
 
-def _random_crops(images: list[torch.Tensor], n: int, crop: int, rng: random.Random) -> torch.Tensor:
+def _random_crops(images: list[torch.Tensor], n: int, crop: int, rng: random.Random,
+                  channel_permute: float = 0.0) -> torch.Tensor:
     out = []
     for _ in range(n):
         img = images[rng.randrange(len(images))]
         _, h, w = img.shape
         size = min(crop, h, w)
         y, x = rng.randrange(h - size + 1), rng.randrange(w - size + 1)
-        out.append(img[:, y : y + size, x : x + size])
+        img = img[:, y : y + size, x : x + size]
+        if channel_permute and rng.random() < channel_permute:
+            img = img[rng.sample(range(3), 3)]  # e.g. red -> blue, yellow -> cyan
+        out.append(img)
     return torch.stack(out)  # (B, 3, crop, crop)
 
 
@@ -108,7 +112,7 @@ def _train(cfg, train: list[torch.Tensor], device, out_dir: Path, tracker, seed:
 
     def crops():
         while True:
-            yield _random_crops(train, tcfg.batch_size, tcfg.crop, rng)
+            yield _random_crops(train, tcfg.batch_size, tcfg.crop, rng, tcfg.channel_permute)
 
     def forward_backward(crops: torch.Tensor) -> dict:
         x = crops.to(device)[:, :, None]  # (B, 3, 1, c, c): the Qwen-Image VAE is a video VAE with one frame

@@ -159,3 +159,22 @@ def test_a_vae_that_loses_a_colour_is_trained_again_from_another_seed(smoke_late
     second = load_file(next((tmp_path / "checkpoints").rglob("*.safetensors")))
     assert first.keys() == second.keys()
     assert any(not torch.equal(first[k], second[k]) for k in first)  # another seed, not the same run twice
+
+
+def test_channel_permute_reorders_each_crops_colours_and_nothing_else():
+    import random
+
+    from stages.vae import _random_crops
+
+    red = torch.zeros(3, 8, 8)
+    red[0] = 1.0  # a red image: channel 0 on
+    kept = _random_crops([red], 64, 8, random.Random(0))
+    assert torch.equal(kept, red.expand(64, 3, 8, 8))
+    permuted = _random_crops([red], 64, 8, random.Random(0), channel_permute=1.0)
+    lit = permuted.sum(dim=(2, 3)) > 0  # (64, 3): which channel each crop has on
+    assert torch.equal(lit.sum(dim=1), torch.ones(64, dtype=torch.long))  # still one pure channel, same pixels
+    assert torch.equal(permuted.sum(dim=1), red.sum(dim=0).expand(64, 8, 8))
+    assert lit.any(dim=0).all()  # red became green and blue too
+    half = _random_crops([red], 400, 8, random.Random(0), channel_permute=0.5)
+    share = (half[:, 0].sum(dim=(1, 2)) == 0).float().mean().item()  # red gone: permuted, not the identity
+    assert 0.25 < share < 0.42  # 0.5 x 4/6 of the non-identity orders = 1/3
