@@ -82,13 +82,12 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     images, scores, texts = _records(Path(inputs["pairs"]))
     n = images.shape[0]
     generator = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(n, generator=generator)
-    n_val = max(1, round(rcfg.val_fraction * n))
-    if n - n_val < 2:
-        raise ValueError(f"reward: {n} prompts are too few to train and validate (reward.val_fraction={rcfg.val_fraction})")
+    # Only records whose images score differently hold pairs: split those, so a few tied prompts cannot leave the
+    # validation split empty while others teach.
+    informative = torch.tensor([r for r in range(n) if len(ordered_pairs(scores, torch.tensor([r])))], dtype=torch.long)
+    order = informative[torch.randperm(len(informative), generator=generator)]
+    n_val = max(1, round(rcfg.val_fraction * len(order))) if len(order) >= 2 else 0
     val, train = ordered_pairs(scores, order[:n_val]), ordered_pairs(scores, order[n_val:])
-    if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"reward: no differently scored images among the {n} prompts' records in {inputs['pairs']}")
     n_data = 0
     if rcfg.data_pairs:
         if not inputs.get("data"):
@@ -108,6 +107,12 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         data_rows[:, 0] += n  # stored after the generated records
         train = torch.cat([train, data_rows])
         images, scores = torch.cat([images, data_images]), torch.cat([scores, data_scores])
+    if len(train) == 0:
+        raise ValueError(f"reward: no differently scored images among the {n} prompts' records in {inputs['pairs']}"
+                         + (" nor in the data pairs" if rcfg.data_pairs else ""))
+    if len(val) == 0:
+        print(f"reward: only {len(order)} of the {n} prompts' records score their images differently: no validation "
+              f"pairs, reward/val_accuracy is NaN", flush=True)
     text = pad_and_stack([emb for emb, _ in texts])  # (N, L, D), right-padded
     mask = pad_and_stack([m for _, m in texts])  # (N, L)
 
@@ -138,12 +143,14 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     model.eval()
     with torch.no_grad():
         def accuracy_on(rows):
+            if len(rows) == 0:
+                return float("nan")
             return pairwise_accuracy(*torch.cat([model(*batch(rows[i : i + 256])).view(2, -1)
                                                  for i in range(0, len(rows), 256)], dim=1))
 
         metrics = {"reward/val_accuracy": accuracy_on(val), "reward/train_accuracy": accuracy_on(train),
                    "reward/pairs_train": len(train), "reward/pairs_val": len(val),
-                   "reward/prompts_train": n - n_val, "reward/prompts_val": n_val, "reward/data_pairs": n_data}
+                   "reward/prompts_train": len(order) - n_val, "reward/prompts_val": n_val, "reward/data_pairs": n_data}
     tracker.log_metrics(metrics)
     save_network(out_dir, "reward_model", model,
                  {"text_dim": text.shape[-1], "channels": list(rcfg.channels), "hidden": rcfg.hidden})

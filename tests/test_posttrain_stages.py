@@ -185,6 +185,36 @@ def test_reward_stage_trains_and_reports_held_out_accuracy(labelled_pairs, pretr
     assert with_data["reward/pairs_train"] == result.metrics["reward/pairs_train"] + with_data["reward/data_pairs"]
 
 
+def test_reward_stage_splits_the_prompts_whose_images_score_differently(tmp_path, monkeypatch):
+    """Tied records hold no pairs: they are left out of the split, so a few informative prompts still validate, one
+    trains alone (val accuracy NaN, said so), and none is a one-line error."""
+    import math
+
+    from stages import reward
+
+    def fake_records(scores):
+        n = len(scores)
+        images = torch.randint(0, 256, (n, 2, 3, 32, 32), dtype=torch.uint8)
+        texts = [(torch.randn(5, 384), torch.ones(5, dtype=torch.bool)) for _ in range(n)]
+        return lambda _: (images, torch.tensor(scores, dtype=torch.float), texts)
+
+    cfg = _cfg("reward.steps=2")
+    five_tied = [[1.0, 1.0]] * 5 + [[1.0, 0.0], [0.0, 1.0], [0.5, 1.0]]
+    monkeypatch.setattr(reward, "_records", fake_records(five_tied))
+    metrics = reward.run(cfg, {"pairs": tmp_path}, tmp_path / "three", Tracker(None)).metrics
+    assert (metrics["reward/prompts_train"], metrics["reward/prompts_val"]) == (2, 1)  # val_fraction 0.2 of 3, at least 1
+    assert (metrics["reward/pairs_train"], metrics["reward/pairs_val"]) == (2, 1)
+
+    monkeypatch.setattr(reward, "_records", fake_records([[1.0, 1.0]] * 7 + [[1.0, 0.0]]))
+    metrics = reward.run(cfg, {"pairs": tmp_path}, tmp_path / "one", Tracker(None)).metrics
+    assert (metrics["reward/pairs_train"], metrics["reward/pairs_val"]) == (1, 0)
+    assert math.isnan(metrics["reward/val_accuracy"])
+
+    monkeypatch.setattr(reward, "_records", fake_records([[1.0, 1.0]] * 8))
+    with pytest.raises(ValueError, match="no differently scored images among the 8 prompts"):
+        reward.run(cfg, {"pairs": tmp_path}, tmp_path / "none", Tracker(None))
+
+
 def test_dpo_trains_the_policy_to_prefer_the_chosen_images_of_its_pairs(labelled_pairs, pretrained, tmp_path):
     """After DPO, the policy's flow-matching error on each pair's chosen latent, relative to the rejected one, is
     lower than the reference's (the init's EMA): DPO's implicit reward margin is positive. Measured on the 8
