@@ -84,7 +84,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     generator = torch.Generator().manual_seed(cfg.seed)
     # Only records whose images score differently hold pairs: split those, so a few tied prompts cannot leave the
     # validation split empty while others teach.
-    informative = torch.tensor([r for r in range(n) if len(ordered_pairs(scores, torch.tensor([r])))], dtype=torch.long)
+    informative = torch.nonzero(scores.amax(dim=1) > scores.amin(dim=1)).flatten()  # (I,) record indices
     order = informative[torch.randperm(len(informative), generator=generator)]
     n_val = max(1, round(rcfg.val_fraction * len(order))) if len(order) >= 2 else 0
     val, train = ordered_pairs(scores, order[:n_val]), ordered_pairs(scores, order[n_val:])
