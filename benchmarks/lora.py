@@ -28,18 +28,18 @@ def measure(preset: str, overrides: list[str], resolution: int, batch: int, step
     from kiln.adapters import attach_lora
     from kiln.config import load_config
     from kiln.flow import velocity_errors
-    from kiln.geometry import token_grid, vae_factor
+    from kiln.geometry import latent_channels, token_grid, vae_factor
     from kiln.models import build_backbone, pack
     from kiln.trainer import build_optimizer
 
     cfg = load_config(preset, overrides)
     torch.manual_seed(0)
-    model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
+    model = build_backbone(cfg.model, latent_channels(cfg.vae), cfg.text_encoder.dim)
     if lora:
         attach_lora(model, cfg.lora)
     optimizer, _ = build_optimizer(model, 1e-4)
     side = resolution // vae_factor(cfg.vae)
-    latents = torch.randn(batch, cfg.vae.z_dim, side, side)
+    latents = torch.randn(batch, latent_channels(cfg.vae), side, side)
     text = torch.randn(batch, 16, cfg.text_encoder.dim)
     mask = torch.ones(batch, 16, dtype=torch.bool)
     grid = token_grid(side, side)

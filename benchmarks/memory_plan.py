@@ -33,7 +33,7 @@ import torch
 
 from kiln.adapters import attach_lora
 from kiln.config import load_config
-from kiln.geometry import TOKEN_PATCH, token_grid, vae_factor
+from kiln.geometry import latent_channels, TOKEN_PATCH, token_grid, vae_factor
 from kiln.models import build_backbone, count_parameters, predict
 
 GIB = 2**30
@@ -66,14 +66,14 @@ def saved_activation_bytes(cfg, num_layers: int, resolution: int, text_tokens: i
     """Bytes autograd keeps for backward in one bf16 forward of a num_layers-block model, batch 1 (meta tensors);
     lora: with that adapter attached (the base frozen)."""
     model_cfg = cfg.model.model_copy(update={"num_layers": num_layers, "gradient_checkpointing": False})
-    model = build_backbone(model_cfg, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta")
+    model = build_backbone(model_cfg, latent_channels(cfg.vae), cfg.text_encoder.dim, device="meta")
     if lora is not None:
         with torch.device("meta"):
             attach_lora(model, lora)
     model = model.to(torch.bfloat16)
     latent = resolution // vae_factor(cfg.vae)
     grid = token_grid(latent, latent)
-    x = torch.randn(1, grid[0] * grid[1], cfg.vae.z_dim * TOKEN_PATCH**2, device="meta",
+    x = torch.randn(1, grid[0] * grid[1], latent_channels(cfg.vae) * TOKEN_PATCH**2, device="meta",
                     dtype=torch.bfloat16)  # (1, N_img, C*4)
     text = torch.randn(1, text_tokens, cfg.text_encoder.dim, device="meta", dtype=torch.bfloat16)  # (1, L, D)
     mask = torch.ones(1, text_tokens, dtype=torch.bool, device="meta")
@@ -107,11 +107,12 @@ def main() -> None:
     lora = cfg.lora.model_copy(update={"rank": args.lora_rank, "alpha": float(args.lora_rank)}) \
         if args.lora_rank else cfg.lora
     mc = cfg.model
-    params = count_parameters(build_backbone(mc, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta"))
+    params = count_parameters(build_backbone(mc, latent_channels(cfg.vae), cfg.text_encoder.dim, device="meta"))
     one, two = (saved_activation_bytes(cfg, n, args.resolution, args.text_tokens) for n in (1, 2))
     per_block_act, rest_act = two - one, 2 * one - two
     block_params = (params - count_parameters(build_backbone(
-        mc.model_copy(update={"num_layers": 1}), cfg.vae.z_dim, cfg.text_encoder.dim, device="meta"))) / (mc.num_layers - 1)
+        mc.model_copy(update={"num_layers": 1}), latent_channels(cfg.vae), cfg.text_encoder.dim, device="meta"))
+    ) / (mc.num_layers - 1)
     dim = mc.num_attention_heads * mc.attention_head_dim
     latent = args.resolution // vae_factor(cfg.vae)
     rows, cols = token_grid(latent, latent)
@@ -126,7 +127,7 @@ def main() -> None:
           f"{args.gpus} GPUs x {args.gpu_gb:.0f} GB ({usable / GIB:.0f} GiB usable)")
     print(f"saved activations per image: {per_block_act / GIB:.2f} GiB per block, {rest_act / GIB:.2f} GiB outside "
           f"the blocks; block input kept under checkpointing {block_input / GIB:.3f} GiB")
-    adapted = build_backbone(mc, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta")
+    adapted = build_backbone(mc, latent_channels(cfg.vae), cfg.text_encoder.dim, device="meta")
     with torch.device("meta"):
         attach_lora(adapted, lora)
     adapter_params = sum(p.numel() for p in adapted.parameters() if p.requires_grad)

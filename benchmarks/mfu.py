@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kiln.config import load_config
 from kiln.diffusion import diffusion_loss
-from kiln.geometry import vae_factor
+from kiln.geometry import latent_channels, vae_factor
 from kiln.models import build_backbone, count_parameters
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
@@ -53,10 +53,10 @@ def main() -> None:
 
     cfg = load_config(args.preset, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim, device=device).train()
+    model = build_backbone(cfg.model, latent_channels(cfg.vae), cfg.text_encoder.dim, device=device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     side = args.resolution // vae_factor(cfg.vae)  # latents per image side
-    latents = torch.randn(args.batch, cfg.vae.z_dim, side, side, device=device)  # (B, C, H/8, W/8)
+    latents = torch.randn(args.batch, latent_channels(cfg.vae), side, side, device=device)  # (B, C, H/8, W/8)
     text = torch.randn(args.batch, args.text_tokens, cfg.text_encoder.dim, device=device)  # (B, L, D)
     mask = torch.ones(args.batch, args.text_tokens, dtype=torch.bool, device=device)
     generator = torch.Generator(device=device).manual_seed(0)

@@ -19,6 +19,7 @@ from prefect import flow
 
 from flows.pipeline import stage_task
 from kiln.config import load_config
+from kiln.geometry import latent_channels
 from kiln.models import build_backbone, count_parameters
 from kiln.stage_io import read_stage_manifest
 from kiln.tracking import start_run
@@ -118,7 +119,8 @@ def compare_systems(systems: list[str] | None = None, steps: list[int] | None = 
             model = stage_task(f"{name}/pretrain-{rung}", "pretrain", cfg_tree=tree, rung_index=0, **mine,
                                inputs=stage_inputs("pretrain", {**shared, LATEST_GENERATOR: None}))
             train_metrics = read_stage_manifest(Path(model))["metrics"]
-            parameters = count_parameters(build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim, "meta"))
+            backbone = build_backbone(cfg.model, latent_channels(cfg.vae), cfg.text_encoder.dim, "meta")
+            parameters = count_parameters(backbone)
             for n in steps:
                 eval_tree = {**tree, "eval": {**tree["eval"], "steps": n}}
                 out = stage_task(f"{name}/eval-{n}-steps", "eval", cfg_tree=eval_tree, **mine,

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kiln.geometry import TOKEN_PATCH, size_multiple, vae_factor
+from kiln.geometry import latent_channels, TOKEN_PATCH, size_multiple, vae_factor
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -180,6 +180,10 @@ class VaeConfig(Strict):
     z_dim: int = Field(8, gt=0)
     dim_mult: list[int] = Field([1, 2, 2, 2], min_length=2)  # channel multipliers; 2x downsampling between levels
     num_res_blocks: int = Field(1, gt=0)
+    # Fold each s x s block of latent pixels into channels (kiln/vae.py): a 4x VAE with 2 reads as an 8x VAE with
+    # 4x the channels, so the transformer's tokens and cost are an 8x VAE's while the latent keeps a 4x VAE's
+    # spatial layout.
+    space_to_depth: int = Field(1, gt=0)
     train: VaeTrainConfig = VaeTrainConfig()
 
 
@@ -641,7 +645,8 @@ class KilnConfig(Strict):
             from kiln.adapters import check_lora
             from kiln.models import build_backbone
 
-            check_lora(build_backbone(self.model, self.vae.z_dim, self.text_encoder.dim, device="meta"), self.lora)
+            backbone = build_backbone(self.model, latent_channels(self.vae), self.text_encoder.dim, device="meta")
+            check_lora(backbone, self.lora)
         return self
 
     def _check_task(self) -> None:

@@ -17,7 +17,13 @@ PRETRAINED_VAE_FACTOR = 8  # Qwen-Image's VAE: three 2x downsamplings
 def vae_factor(vae_cfg) -> int:
     """Pixels per latent along each side: AutoencoderKLQwenImage downsamples 2x between consecutive dim_mult
     levels (QwenImagePipeline's vae_scale_factor counts the same); a pretrained VAE is Qwen-Image's 8x."""
-    return PRETRAINED_VAE_FACTOR if vae_cfg.pretrained else 2 ** (len(vae_cfg.dim_mult) - 1)
+    factor = PRETRAINED_VAE_FACTOR if vae_cfg.pretrained else 2 ** (len(vae_cfg.dim_mult) - 1)
+    return factor * vae_cfg.space_to_depth
+
+
+def latent_channels(vae_cfg) -> int:
+    """Channels of the latents the transformer sees: the VAE's z_dim times the pixels vae.space_to_depth folds."""
+    return vae_cfg.z_dim * vae_cfg.space_to_depth**2
 
 
 def token_grid(h: int, w: int) -> tuple[int, int]:

@@ -44,7 +44,7 @@ def build_vae(cfg) -> AutoencoderKLQwenImage:
     """From a VaeConfig: load the pretrained one it names, or build a fresh small one to train."""
     if cfg.pretrained:
         kwargs = {"subfolder": cfg.subfolder} if cfg.subfolder else {}
-        return use_single_frame_convs(AutoencoderKLQwenImage.from_pretrained(cfg.pretrained, **kwargs))
+        return _with_fold(use_single_frame_convs(AutoencoderKLQwenImage.from_pretrained(cfg.pretrained, **kwargs)), cfg)
     vae = AutoencoderKLQwenImage(
         base_dim=cfg.base_dim,
         z_dim=cfg.z_dim,
@@ -54,7 +54,12 @@ def build_vae(cfg) -> AutoencoderKLQwenImage:
         latents_mean=[0.0] * cfg.z_dim,
         latents_std=[1.0] * cfg.z_dim,
     )
-    return use_single_frame_convs(vae)
+    return _with_fold(use_single_frame_convs(vae), cfg)
+
+
+def _with_fold(vae, cfg):
+    vae.space_to_depth = cfg.space_to_depth if cfg is not None else 1  # read by encode_images / decode_latents
+    return vae
 
 
 def load_vae(vae_dir: Path, vae_cfg=None) -> AutoencoderKLQwenImage:
@@ -66,7 +71,7 @@ def load_vae(vae_dir: Path, vae_cfg=None) -> AutoencoderKLQwenImage:
     ckpt = resolve_checkpoint(Path(vae_dir) / "checkpoints")
     vae = use_single_frame_convs(AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(ckpt)))
     load_weights(ckpt, vae)
-    return vae.eval()
+    return _with_fold(vae, vae_cfg).eval()
 
 
 @functools.lru_cache(maxsize=2)
@@ -93,12 +98,13 @@ def encode_images(vae, images: torch.Tensor, sample: bool = False) -> torch.Tens
     dist = vae.encode(images[:, :, None].to(vae.dtype)).latent_dist  # the VAE is 3D: (B, 3, T=1, H, W)
     z = (dist.sample() if sample else dist.mode())[:, :, 0].float()  # (B, C, h, w)
     mean, std = _stats(vae, z)
-    return (z - mean) / std
+    return F.pixel_unshuffle((z - mean) / std, vae.space_to_depth)  # (B, C s^2, h/s, w/s)
 
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """normalised latents (B, C, h, w) -> images (B, 3, f h, f w) in [-1, 1], f the VAE factor."""
+    latents = F.pixel_shuffle(latents, vae.space_to_depth)  # (B, C / s^2, h s, w s)
     mean, std = _stats(vae, latents)
     z = latents * std + mean
     return vae.decode(z[:, :, None].to(vae.dtype)).sample[:, :, 0].float().clamp(-1, 1)

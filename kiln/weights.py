@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kiln.checkpoint import load_weights, resolve_checkpoint
+from kiln.geometry import latent_channels
 
 
 # --- released checkpoints (diffusers layout) -----------------------------------------------------------------------
@@ -83,7 +84,7 @@ def check_pretrained(cfg) -> Path:
     from kiln.models import build_backbone
 
     folder = pretrained_folder(cfg.model)
-    model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim, device="meta")
+    model = build_backbone(cfg.model, latent_channels(cfg.vae), cfg.text_encoder.dim, device="meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problem = mismatch(expected, pretrained_shapes(folder))
     if problem:

@@ -29,6 +29,7 @@ from diffusers import QwenImagePipeline
 
 from kiln.adapters import diffusers_lora_layers
 from kiln.checkpoint import resolve_checkpoint
+from kiln.geometry import latent_channels
 from kiln.models import build_backbone
 from kiln.sampler import make_scheduler
 from kiln.vae import load_vae
@@ -48,10 +49,13 @@ def export_diffusers(stage_dir: Path, out_dir: Path, merge: bool = False) -> Pat
     if cfg.model.kind != "qwen-image" or cfg.objective.kind != "flow":
         raise ValueError(f"export: a QwenImagePipeline folder needs a qwen-image model trained with the flow objective "
                          f"(this stage: model.kind {cfg.model.kind!r}, objective.kind {cfg.objective.kind!r})")
+    if cfg.vae.space_to_depth != 1:
+        raise ValueError(f"export: QwenImagePipeline packs the VAE's own latents, so a stage trained on latents folded "
+                         f"by vae.space_to_depth={cfg.vae.space_to_depth} does not load there")
     base, base_which, chain = lora_chain(resolve_checkpoint(stage_dir))
     adapter = None
     if chain and not merge:  # the base's full weights in the pipeline, the adapters in diffusers' LoRA file
-        model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
+        model = build_backbone(cfg.model, latent_channels(cfg.vae), cfg.text_encoder.dim)
         load_generator(base, model, base_which)
         adapter = diffusers_lora_layers(chain)
     vae = load_vae(vae_dir, cfg.vae)

@@ -36,7 +36,7 @@ from kiln.checkpoint import resolve_checkpoint
 from kiln.diffusion import Denoiser, make_process
 from kiln.flow import interpolate, sample_timesteps
 from kiln.generate import generate_latents, initial_noise, to_pil
-from kiln.geometry import token_grid, vae_factor
+from kiln.geometry import latent_channels, token_grid, vae_factor
 from kiln.grpo import group_advantages, informative_groups, nft_loss, window_step_losses
 from kiln.models import predict, unpack
 from kiln.sampler import flow_sigmas, guided_prediction, sample_sde
@@ -125,9 +125,10 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         with torch.no_grad():
             velocity = guided_prediction(policy, text, mask, null_b, null_mask_b, gcfg.cfg, grid)
             if gcfg.shared_initial_noise:  # (P, N, D) -> (B, N, D), each prompt's noise G times in a row
-                noise = initial_noise(len(prompts), cfg.vae.z_dim, h, w, generator, device).repeat_interleave(group, 0)
+                noise = initial_noise(len(prompts), latent_channels(cfg.vae), h, w, generator, device)
+                noise = noise.repeat_interleave(group, 0)
             else:
-                noise = initial_noise(len(captions), cfg.vae.z_dim, h, w, generator, device)  # (B, N, D)
+                noise = initial_noise(len(captions), latent_channels(cfg.vae), h, w, generator, device)  # (B, N, D)
             denoiser = Denoiser(velocity, "flow", make_process(None))
             x0, old_log_probs, trajectory = sample_sde(denoiser, noise, sigmas, noise_level=gcfg.noise_level,
                                                        generator=generator, window=(start, start + window))

@@ -14,6 +14,7 @@ import torch
 
 from kiln import distributed
 from kiln.adapters import BaseModel
+from kiln.geometry import latent_channels
 from kiln.models import build_backbone
 from kiln.weights import load_generator
 from kiln.trainer import Schedule, Trainer
@@ -30,7 +31,7 @@ def policy_trainer(cfg, name: str, init_dir: Path, out_dir: Path, tracker, *, st
     """(trainer of the policy, frozen reference): both start from init_dir's weights (its EMA where it has one).
     The trainer resumes from out_dir's latest checkpoint when start() is called; the reference stays the init."""
     device = training_device(cfg)
-    model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
+    model = build_backbone(cfg.model, latent_channels(cfg.vae), cfg.text_encoder.dim)
     lora = cfg.lora if cfg.uses_lora(name) else None
     if lora is None:
         load_generator(init_dir, model, "ema")  # its EMA where it has one
@@ -39,7 +40,7 @@ def policy_trainer(cfg, name: str, init_dir: Path, out_dir: Path, tracker, *, st
                       schedule=Schedule(warmup=max(1, warmup_steps), decay="constant"), out_dir=out_dir,
                       tracker=tracker, device=device, betas=POLICY_BETAS, weight_decay=POLICY_WEIGHT_DECAY,
                       grad_clip=max_grad_norm, state=state, one_backward=False, log_every=log_every,
-                      postfix=postfix, meta={"kind": "transformer", "latent_channels": cfg.vae.z_dim},
+                      postfix=postfix, meta={"kind": "transformer", "latent_channels": latent_channels(cfg.vae)},
                       lora=lora, base=(Path(init_dir), "ema") if lora is not None else None)
     trainer.model.train()
     if lora is not None:

@@ -17,6 +17,7 @@ from data.shards import BucketBatches, read_manifest
 from kiln import distributed, seeding
 from kiln.diffusion import diffusion_loss
 from kiln.flow import drop_captions, drop_tokens, loss_by_bucket
+from kiln.geometry import latent_channels
 from kiln.models import build_backbone, count_parameters, init_adaln_zero
 from kiln.stage_io import StageResult, hash_files
 from kiln.trainer import Schedule, Trainer
@@ -63,7 +64,7 @@ class Rung:
             raise ValueError(f"pretrain: no {rung.resolution}px buckets in {latents_dir} "
                              f"(has {sorted(manifest['buckets'])})")
         # From-scratch init; a resumed or continued rung then loads its weights over it.
-        model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
+        model = build_backbone(cfg.model, latent_channels(cfg.vae), cfg.text_encoder.dim)
         model = init_adaln_zero(model) if cfg.train.init == "adaln_zero" and init is None else model
         lora = cfg.lora if cfg.uses_lora(stage) else None  # the trainer refuses a LoRA stage with nothing under it
         optim = cfg.train.optim
@@ -75,7 +76,7 @@ class Rung:
             out_dir=out_dir, tracker=tracker, device=device, betas=optim.betas, weight_decay=optim.weight_decay,
             grad_clip=optim.grad_clip, ema_decay=optim.ema_decay,
             state={"generator": self.generator, "position": self.position},
-            meta={"kind": "transformer", "resolution": rung.resolution, "latent_channels": cfg.vae.z_dim},
+            meta={"kind": "transformer", "resolution": rung.resolution, "latent_channels": latent_channels(cfg.vae)},
             lora=lora, base=(init, "ema") if lora is not None else None)
         self.null_text, self.null_mask = load_uncond(self.latents_dir / "uncond.safetensors", device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
@@ -116,7 +117,8 @@ class Rung:
         from stages.sampling import log_samples  # noqa: PLC0415 - keeps sampling out of the training import path
 
         cfg = self.cfg
-        with self.trainer.ema_model(lambda: build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)) as ema:
+        channels = latent_channels(cfg.vae)
+        with self.trainer.ema_model(lambda: build_backbone(cfg.model, channels, cfg.text_encoder.dim)) as ema:
             if ema is not None:
                 log_samples(cfg, ema, inputs, self.trainer.out_dir, self.trainer.tracker, step, self.rung.resolution)
 

@@ -13,7 +13,7 @@ from data.synthetic import caption, eval_prompts, make_holdout
 from kiln.checkpoint import resolve_checkpoint
 from kiln.config import config_from_dict
 from kiln.generate import generate_images, image_grid
-from kiln.geometry import vae_factor
+from kiln.geometry import latent_channels, vae_factor
 from kiln.models import build_backbone
 from kiln.stage_io import read_stage_manifest
 from kiln.text_encoder import text_encoder_for
@@ -30,7 +30,7 @@ def load_stage(stage_dir: Path, device="cpu", which: str = "ema"):
         raise FileNotFoundError(f"generate: no stage manifest.json at or above {ckpt}: pass a stage output folder")
     manifest = read_stage_manifest(manifest_dir)
     cfg = config_from_dict(manifest["config"])
-    model = build_backbone(cfg.model, cfg.vae.z_dim, cfg.text_encoder.dim)
+    model = build_backbone(cfg.model, latent_channels(cfg.vae), cfg.text_encoder.dim)
     load_generator(ckpt, model, which)  # a LoRA stage's adapter is fused into its base here
     meta = json.loads((ckpt / "meta.json").read_text())
     return cfg, model.to(device).eval(), Path(manifest["inputs"]["vae"]), meta

@@ -93,6 +93,53 @@ def test_the_vae_factor_follows_dim_mult():
         assert vae.decode(z).sample.shape == (1, 3, 1, 32, 24)
 
 
+def test_space_to_depth_folds_latent_pixels_into_channels_and_back():
+    """A 4x VAE folded by 2 reads as an 8x VAE with 4x the channels: encode_images folds each 2x2 block of its
+    normalised latents into channels, decode_latents unfolds them, and the image is the unfolded VAE's."""
+    import torch.nn.functional as F
+
+    from kiln.geometry import latent_channels, vae_factor
+    from kiln.vae import decode_latents, encode_images
+
+    base = ["vae.dim_mult=[1,2,2]", "data.bucket_multiple=16", "vae.train.crop=16"]
+    plain_cfg = load_config("smoke", base).vae
+    folded_cfg = load_config("smoke", base + ["vae.space_to_depth=2"]).vae
+    assert (vae_factor(plain_cfg), latent_channels(plain_cfg)) == (4, plain_cfg.z_dim)
+    assert (vae_factor(folded_cfg), latent_channels(folded_cfg)) == (8, 4 * plain_cfg.z_dim)
+    torch.manual_seed(0)
+    plain = build_vae(plain_cfg).eval()
+    folded = build_vae(folded_cfg).eval()
+    folded.load_state_dict(plain.state_dict())  # the same VAE, read two ways
+    images = torch.rand(2, 3, 32, 48) * 2 - 1
+    z, z_folded = encode_images(plain, images), encode_images(folded, images)
+    assert z.shape == (2, plain_cfg.z_dim, 8, 12) and z_folded.shape == (2, 4 * plain_cfg.z_dim, 4, 6)
+    assert torch.equal(z_folded, F.pixel_unshuffle(z, 2))
+    assert torch.equal(decode_latents(folded, z_folded), decode_latents(plain, z))
+
+
+def test_a_folded_vae_trains_and_draws_end_to_end_and_export_refuses_it(tmp_path):
+    """data -> a 4x VAE folded by 2 -> latents -> pretrain -> images: latents carry 4x the channels at an 8x VAE's
+    size, the sampler draws full-size images, and export (QwenImagePipeline packs the VAE's own latents) refuses."""
+    from data.shards import iter_samples
+    from kiln.vae import vae_for
+    from stages.common import data_vae_latents, run_without_orchestration
+    from stages.export import export_diffusers
+    from stages.sampling import generate_for_captions, load_stage
+
+    cfg = load_config("smoke", ["vae.dim_mult=[1,2,2]", "vae.space_to_depth=2", "train.rungs.0.steps=3"])
+    root = data_vae_latents(cfg, tmp_path)
+    sample = next(iter(iter_samples(root / "latents" / "shards")))
+    assert sample["latents"].shape[0] == 4 * cfg.vae.z_dim  # (C s^2, H/8, W/8)
+    run_without_orchestration([("pretrain", "pretrain", {"latents": root / "latents", "vae": root / "vae"})],
+                              cfg, tmp_path)
+    stage_cfg, model, vae_dir, _ = load_stage(tmp_path / "pretrain")
+    images = generate_for_captions(stage_cfg, model, vae_for(stage_cfg, vae_dir, "cpu"), ["a red circle"], width=32,
+                                   height=48, steps=2, cfg_scale=4.0, seed=0)
+    assert images[0].size == (32, 48)
+    with pytest.raises(ValueError, match="vae.space_to_depth=2"):
+        export_diffusers(tmp_path / "pretrain", tmp_path / "exported")
+
+
 class _PixelVAE:
     """A stand-in VAE whose latent is the image itself; `swap` recolours decoded pixels (a colour the VAE loses)."""
 
