@@ -6,6 +6,7 @@ MFU = model FLOPs per second / the chip's peak dense bf16 rate (or --peak-tflops
 gradient checkpointing off. HFU also counts the forward that checkpointing recomputes (equal to MFU without it).
 
 python benchmarks/mfu.py --preset small --resolution 256 --batch 32
+python benchmarks/mfu.py --preset tiny --resolution 128 --batch 16 --precision fp32 --compile   # torch.compile's gain
 python benchmarks/mfu.py --preset qwen-image --set model.num_layers=4 --resolution 1328 --batch 1
     # the published 3072-wide block at full resolution; 4 of its 60 blocks fit one GPU with AdamW state
 
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps after 3 warm-up steps")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--peak-tflops", type=float, help="the chip's peak rate (default: table by GPU name)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (one graph per input shape; compile_s reports the first)")
     args = parser.parse_args()
 
     cfg = load_config(args.preset, args.overrides)
@@ -61,10 +64,11 @@ def main() -> None:
     mask = torch.ones(args.batch, args.text_tokens, dtype=torch.bool, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    forward = torch.compile(model, dynamic=False) if args.compile else model
 
-    def step():
+    def step(net=forward):
         with autocast:
-            loss, _, _ = diffusion_loss(model, latents, text, mask, cfg.objective, cfg.scheduler, generator)
+            loss, _, _ = diffusion_loss(net, latents, text, mask, cfg.objective, cfg.scheduler, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -73,9 +77,12 @@ def main() -> None:
     def counted_flops() -> int:
         counter = FlopCounterMode(display=False)
         with counter:
-            step()
+            step(model)  # eager: the count does not depend on compilation
         return counter.get_total_flops()
 
+    start = time.perf_counter()
+    step()  # with --compile: traces and compiles here
+    compile_s = time.perf_counter() - start
     hardware_flops = counted_flops()  # as configured (with checkpointing: the recomputed forward too)
     if cfg.model.gradient_checkpointing:
         model.disable_gradient_checkpointing()
@@ -101,7 +108,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "preset": args.preset, "overrides": args.overrides, "parameters": count_parameters(model),
         "resolution": args.resolution, "batch": args.batch, "image_tokens": (side // cfg.model.patch_size) ** 2,
-        "precision": args.precision, "step_s": round(seconds, 4), "images_per_s": round(args.batch / seconds, 2),
+        "precision": args.precision, "compiled": args.compile,
+        "compile_s": round(compile_s, 1) if args.compile else None, "step_s": round(seconds, 4),
+        "images_per_s": round(args.batch / seconds, 2),
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "model_tflops_per_step": round(flops_per_step / 1e12, 3), "model_tflops_per_s": round(achieved, 2),
         "mfu": round(achieved / peak, 4) if peak else None,
