@@ -33,7 +33,7 @@ import torch
 
 from kiln.adapters import attach_lora
 from kiln.config import load_config
-from kiln.geometry import latent_channels, TOKEN_PATCH, token_grid, vae_factor
+from kiln.geometry import TOKEN_PATCH, latent_channels, token_grid, vae_factor
 from kiln.models import build_backbone, count_parameters, predict
 
 GIB = 2**30

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kiln.geometry import latent_channels, TOKEN_PATCH, size_multiple, vae_factor
+from kiln.geometry import TOKEN_PATCH, latent_channels, size_multiple, vae_factor
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
