@@ -111,8 +111,8 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
         raise ValueError(f"reward: no differently scored images among the {n} prompts' records in {inputs['pairs']}"
                          + (" nor in the data pairs" if rcfg.data_pairs else ""))
     if len(val) == 0:
-        print(f"reward: only {len(order)} of the {n} prompts' records score their images differently: no validation "
-              f"pairs, reward/val_accuracy is NaN", flush=True)
+        print(f"reward: warning: only {len(order)} of the {n} prompts' records score their images differently: no "
+              f"validation pairs, reward/val_accuracy is NaN", flush=True)
     text = pad_and_stack([emb for emb, _ in texts])  # (N, L, D), right-padded
     mask = pad_and_stack([m for _, m in texts])  # (N, L)
 
