@@ -8,10 +8,12 @@ VAE's own config (latents_mean / latents_std), exactly as QwenImagePipeline undo
 from __future__ import annotations
 
 import functools
+import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from diffusers import AutoencoderKLQwenImage
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 
@@ -54,11 +56,27 @@ def build_vae(cfg) -> AutoencoderKLQwenImage:
         latents_mean=[0.0] * cfg.z_dim,
         latents_std=[1.0] * cfg.z_dim,
     )
-    return _with_fold(use_single_frame_convs(vae), cfg)
+    return _with_fold(use_single_frame_convs(_with_encoder(vae, cfg)), cfg)
 
 
 def _with_fold(vae, cfg):
     vae.space_to_depth = cfg.space_to_depth if cfg is not None else 1  # read by encode_images / decode_latents
+    return vae
+
+
+def _linear_encode(self, x: torch.Tensor) -> torch.Tensor:
+    """x (B, 3, 1, H, W) -> posterior parameters (B, 2 z_dim, 1, H/f, W/f), linear in x."""
+    return self.linear_encoder(x[:, :, 0])[:, :, None]
+
+
+def _with_encoder(vae: AutoencoderKLQwenImage, cfg) -> AutoencoderKLQwenImage:
+    """vae.encoder "linear": swap the encoder network (and its 1x1 quant_conv) for one strided convolution."""
+    if cfg is None or cfg.encoder == "qwen-image":
+        return vae
+    factor = 2 ** (len(vae.config.dim_mult) - 1)
+    vae.encoder, vae.quant_conv = nn.Module(), nn.Identity()  # empty: their weights would be saved and never used
+    vae.linear_encoder = nn.Conv2d(3, 2 * vae.config.z_dim, kernel_size=2 * factor, stride=factor, padding=factor // 2)
+    vae._encode = types.MethodType(_linear_encode, vae)
     return vae
 
 
@@ -69,7 +87,8 @@ def load_vae(vae_dir: Path, vae_cfg=None) -> AutoencoderKLQwenImage:
     if vae_cfg is not None and vae_cfg.pretrained:
         return build_vae(vae_cfg)
     ckpt = resolve_checkpoint(Path(vae_dir) / "checkpoints")
-    vae = use_single_frame_convs(AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(ckpt)))
+    vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(ckpt))
+    vae = use_single_frame_convs(_with_encoder(vae, vae_cfg))
     load_weights(ckpt, vae)
     return _with_fold(vae, vae_cfg).eval()
 

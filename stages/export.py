@@ -52,6 +52,9 @@ def export_diffusers(stage_dir: Path, out_dir: Path, merge: bool = False) -> Pat
     if cfg.vae.space_to_depth != 1:
         raise ValueError(f"export: QwenImagePipeline packs the VAE's own latents, so a stage trained on latents folded "
                          f"by vae.space_to_depth={cfg.vae.space_to_depth} does not load there")
+    if cfg.vae.encoder != "qwen-image":
+        raise ValueError(f"export: vae.encoder={cfg.vae.encoder!r} is not AutoencoderKLQwenImage's encoder, so the "
+                         f"exported VAE could not encode images")
     base, base_which, chain = lora_chain(resolve_checkpoint(stage_dir))
     adapter = None
     if chain and not merge:  # the base's full weights in the pipeline, the adapters in diffusers' LoRA file

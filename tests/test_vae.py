@@ -117,27 +117,51 @@ def test_space_to_depth_folds_latent_pixels_into_channels_and_back():
     assert torch.equal(decode_latents(folded, z_folded), decode_latents(plain, z))
 
 
-def test_a_folded_vae_trains_and_draws_end_to_end_and_export_refuses_it(tmp_path):
-    """data -> a 4x VAE folded by 2 -> latents -> pretrain -> images: latents carry 4x the channels at an 8x VAE's
-    size, the sampler draws full-size images, and export (QwenImagePipeline packs the VAE's own latents) refuses."""
+@pytest.mark.parametrize("overrides, channels, refusal", [
+    (["vae.dim_mult=[1,2,2]", "vae.space_to_depth=2"], 4, "vae.space_to_depth=2"),
+    (["vae.encoder=linear"], 1, "vae.encoder='linear'"),
+], ids=["folded", "linear-encoder"])
+def test_a_vae_variant_trains_and_draws_end_to_end_and_export_refuses_it(tmp_path, overrides, channels, refusal):
+    """data -> VAE -> latents -> pretrain -> images for the VAE variants QwenImagePipeline cannot hold: a 4x VAE
+    folded by 2 (latents with 4x the channels at an 8x VAE's size) and a linear encoder. The saved VAE loads back to
+    the latents the stage wrote, the sampler draws full-size images, and export refuses with the option's name."""
     from data.shards import iter_samples
-    from kiln.vae import vae_for
+    from kiln.images import image_tensor
+    from kiln.vae import encode_images, load_vae, vae_for
     from stages.common import data_vae_latents, run_without_orchestration
     from stages.export import export_diffusers
     from stages.sampling import generate_for_captions, load_stage
 
-    cfg = load_config("smoke", ["vae.dim_mult=[1,2,2]", "vae.space_to_depth=2", "train.rungs.0.steps=3"])
+    cfg = load_config("smoke", [*overrides, "train.rungs.0.steps=3"])
     root = data_vae_latents(cfg, tmp_path)
     sample = next(iter(iter_samples(root / "latents" / "shards")))
-    assert sample["latents"].shape[0] == 4 * cfg.vae.z_dim  # (C s^2, H/8, W/8)
+    assert sample["latents"].shape[0] == channels * cfg.vae.z_dim  # (C s^2, H/8, W/8)
+    image = next(iter(iter_samples(root / "data" / "shards", load_images=True)))
+    assert image["key"] == sample["key"]
+    again = encode_images(load_vae(root / "vae", cfg.vae), image_tensor(image["image"])[None])[0]
+    assert torch.allclose(again, torch.as_tensor(sample["latents"]).float(), atol=1e-2)  # stored as float16
     run_without_orchestration([("pretrain", "pretrain", {"latents": root / "latents", "vae": root / "vae"})],
                               cfg, tmp_path)
     stage_cfg, model, vae_dir, _ = load_stage(tmp_path / "pretrain")
     images = generate_for_captions(stage_cfg, model, vae_for(stage_cfg, vae_dir, "cpu"), ["a red circle"], width=32,
                                    height=48, steps=2, cfg_scale=4.0, seed=0)
     assert images[0].size == (32, 48)
-    with pytest.raises(ValueError, match="vae.space_to_depth=2"):
+    with pytest.raises(ValueError, match=refusal):
         export_diffusers(tmp_path / "pretrain", tmp_path / "exported")
+
+
+def test_a_linear_encoder_is_affine_in_the_image_and_saves_no_encoder_network():
+    """vae.encoder=linear: the latent of a blend is the blend of the latents (the default encoder's is not), and
+    the unused encoder network is not in the weights."""
+    from kiln.vae import encode_images
+
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 2, 3, 32, 32) * 2 - 1
+    for encoder, affine in (("linear", True), ("qwen-image", False)):
+        vae = build_vae(load_config("smoke", [f"vae.encoder={encoder}"]).vae).eval()
+        blend = encode_images(vae, (x + y) / 2)
+        assert torch.allclose(blend, (encode_images(vae, x) + encode_images(vae, y)) / 2, atol=1e-5) == affine
+        assert any(k.startswith(("encoder.", "quant_conv.")) for k in vae.state_dict()) != affine
 
 
 class _PixelVAE:
