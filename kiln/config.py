@@ -184,9 +184,9 @@ class VaeConfig(Strict):
     # 4x the channels, so the transformer's tokens and cost are an 8x VAE's while the latent keeps a 4x VAE's
     # spatial layout.
     space_to_depth: int = Field(1, gt=0)
-    # "linear": one strided convolution (kernel 2f, stride f) in place of the encoder network, so a latent is a
-    # linear function of its pixels and an unseen colour-shape pair is encoded as the sum its parts predict; the
-    # decoder stays AutoencoderKLQwenImage's (kiln/vae.py).
+    # A VAE trained here, "linear": one strided convolution (kernel 2f, stride f) in place of the encoder network,
+    # so a latent is a linear function of its pixels (an unseen colour-shape pair's latent is a linear combination of
+    # seen pairs'); the decoder stays AutoencoderKLQwenImage's (kiln/vae.py).
     encoder: Literal["qwen-image", "linear"] = "qwen-image"
     train: VaeTrainConfig = VaeTrainConfig()
 
