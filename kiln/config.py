@@ -190,6 +190,13 @@ class VaeConfig(Strict):
     encoder: Literal["qwen-image", "linear"] = "qwen-image"
     train: VaeTrainConfig = VaeTrainConfig()
 
+    @model_validator(mode="after")
+    def _linear_is_trained_here(self) -> "VaeConfig":
+        if self.pretrained and self.encoder != "qwen-image":
+            raise ValueError(f"vae.encoder={self.encoder!r} is for a VAE trained here; the pretrained VAE "
+                             f"{self.pretrained!r} keeps its own encoder (leave vae.encoder at 'qwen-image')")
+        return self
+
 
 class ModelConfig(Strict):
     """The denoising backbone (kiln/models.py builds it with diffusers): Qwen-Image's MMDiT with MSRoPE, SD3's MMDiT,

@@ -56,7 +56,7 @@ def build_vae(cfg) -> AutoencoderKLQwenImage:
         latents_mean=[0.0] * cfg.z_dim,
         latents_std=[1.0] * cfg.z_dim,
     )
-    return _with_fold(use_single_frame_convs(_with_encoder(vae, cfg)), cfg)
+    return _with_fold(use_single_frame_convs(_with_encoder(vae, cfg.encoder)), cfg)
 
 
 def _with_fold(vae, cfg):
@@ -69,9 +69,21 @@ def _linear_encode(self, x: torch.Tensor) -> torch.Tensor:
     return self.linear_encoder(x[:, :, 0])[:, :, None]
 
 
-def _with_encoder(vae: AutoencoderKLQwenImage, cfg) -> AutoencoderKLQwenImage:
-    """vae.encoder "linear": swap the encoder network (and its 1x1 quant_conv) for one strided convolution."""
-    if cfg is None or cfg.encoder == "qwen-image":
+def _saved_encoder(ckpt: Path) -> str:
+    """The vae.encoder a saved VAE was trained with, read from its weight names (a linear one has no encoder network)."""
+    from safetensors import safe_open
+
+    files = [Path(ckpt) / "model.safetensors"] + sorted((Path(ckpt) / "model").glob("*.safetensors"))  # one or shards
+    for file in filter(Path.exists, files):
+        with safe_open(str(file), "pt") as weights:
+            if "linear_encoder.weight" in weights.keys():
+                return "linear"
+    return "qwen-image"
+
+
+def _with_encoder(vae: AutoencoderKLQwenImage, encoder: str) -> AutoencoderKLQwenImage:
+    """encoder "linear": swap the encoder network (and its 1x1 quant_conv) for one strided convolution."""
+    if encoder == "qwen-image":
         return vae
     factor = 2 ** (len(vae.config.dim_mult) - 1)
     vae.encoder, vae.quant_conv = nn.Module(), nn.Identity()  # empty: their weights would be saved and never used
@@ -87,8 +99,12 @@ def load_vae(vae_dir: Path, vae_cfg=None) -> AutoencoderKLQwenImage:
     if vae_cfg is not None and vae_cfg.pretrained:
         return build_vae(vae_cfg)
     ckpt = resolve_checkpoint(Path(vae_dir) / "checkpoints")
+    encoder = _saved_encoder(ckpt)
+    if vae_cfg is not None and vae_cfg.encoder != encoder:
+        raise ValueError(f"vae: {ckpt} holds a VAE with the {encoder!r} encoder, but the config says vae.encoder="
+                         f"{vae_cfg.encoder!r}; set vae.encoder={encoder} to use it")
     vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(ckpt))
-    vae = use_single_frame_convs(_with_encoder(vae, vae_cfg))
+    vae = use_single_frame_convs(_with_encoder(vae, encoder))
     load_weights(ckpt, vae)
     return _with_fold(vae, vae_cfg).eval()
 

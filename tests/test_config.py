@@ -171,3 +171,8 @@ def test_grpo_window_must_fit_the_sampling_steps():
     load_config("tiny", ["post_training=[grpo]", "grpo.reward=verifier_dense"])
     with pytest.raises(ConfigError, match="grpo.reward 'reward_model' needs the reward stage or grpo.reward_model"):
         load_config("tiny", ["post_training=[grpo]", "grpo.reward=reward_model"])
+
+
+def test_a_linear_encoder_is_refused_for_a_pretrained_vae():
+    with pytest.raises(ConfigError, match="vae.encoder='linear' is for a VAE trained here"):
+        load_config("tiny", ["vae.pretrained=some/vae", "vae.encoder=linear"])

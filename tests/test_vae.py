@@ -140,6 +140,11 @@ def test_a_vae_variant_trains_and_draws_end_to_end_and_export_refuses_it(tmp_pat
     assert image["key"] == sample["key"]
     again = encode_images(load_vae(root / "vae", cfg.vae), image_tensor(image["image"])[None])[0]
     assert torch.allclose(again, torch.as_tensor(sample["latents"]).float(), atol=1e-2)  # stored as float16
+    if cfg.vae.encoder == "linear":  # the weights say which encoder; a config that says otherwise is refused
+        without_cfg = encode_images(load_vae(root / "vae"), image_tensor(image["image"])[None])[0]
+        assert torch.allclose(without_cfg, again)
+        with pytest.raises(ValueError, match="set vae.encoder=linear"):
+            load_vae(root / "vae", load_config("smoke").vae)
     run_without_orchestration([("pretrain", "pretrain", {"latents": root / "latents", "vae": root / "vae"})],
                               cfg, tmp_path)
     stage_cfg, model, vae_dir, _ = load_stage(tmp_path / "pretrain")
