@@ -160,14 +160,17 @@ def iter_unit(src, unit: str, tag: str) -> Iterator[dict]:
                **({"error": row["error"]} if row.get("error") else {})}
 
 
-def synthetic_records(resolutions: list[int], per_resolution: int, seed: int, holdout_seed: int) -> Iterator[dict]:
+def synthetic_records(resolutions: list[int], per_resolution: int, seed: int, holdout_seed: int,
+                      extra_colours: tuple[str, ...] = ()) -> Iterator[dict]:
     """per_resolution scenes for each resolution stage: a seed each, which the funnel's workers render natively at
-    that resolution (data/funnel.py render_synthetic), so records are tiny and rendering runs on every core."""
+    that resolution (data/funnel.py render_synthetic), so records are tiny and rendering runs on every core.
+    extra_colours: training-only colours (data.extra_colours)."""
+    extra = {"extra_colours": list(extra_colours)} if extra_colours else {}
     for resolution in resolutions:
         for i in range(per_resolution):
             yield {"key": f"r{resolution}-{i:07d}", "source": "synthetic",
                    "render": {"resolution": resolution, "seed": seeding.synthetic_scene(seed, resolution, i),
-                              "holdout_seed": holdout_seed}}
+                              "holdout_seed": holdout_seed, **extra}}
 
 
 def mixed_records(sources: list, seed: int, on_error: Callable[[str, BaseException], None],

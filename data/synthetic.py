@@ -40,6 +40,16 @@ COLOUR_RGB = {
     "yellow": (240, 200, 20),
 }
 BACKGROUND_RGB = (245, 245, 240)
+# Colours a training set may add (data.extra_colours), each drawn with every shape. They are never evaluated and the
+# verifier cannot read them (its hues are COLOURS'), so they sit away from those hues. Why add them: a shape seen in
+# more colours is a shape the model has to draw from its own word, not from the colour's usual shapes.
+EXTRA_COLOUR_RGB = {
+    "purple": (140, 50, 200),
+    "cyan": (20, 185, 200),
+    "pink": (235, 70, 170),
+    "black": (30, 30, 30),
+}
+PALETTE_RGB = {**COLOUR_RGB, **EXTRA_COLOUR_RGB}
 
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 PLURALS = {shape: shape + "s" for shape in SHAPES}
@@ -70,7 +80,7 @@ class SceneSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown scene kind {self.kind!r}")
-        if self.colour not in COLOURS or self.shape not in SHAPES:
+        if self.colour not in PALETTE_RGB or self.shape not in SHAPES:
             raise ValueError(f"unknown colour/shape {self.colour!r}/{self.shape!r}")
         if self.kind == "count":
             if not 2 <= self.count <= 4:
@@ -80,7 +90,7 @@ class SceneSpec:
         if self.kind == "relation":
             if self.relation not in RELATIONS:
                 raise ValueError(f"unknown relation {self.relation!r}")
-            if self.other_colour not in COLOURS or self.other_shape not in SHAPES:
+            if self.other_colour not in PALETTE_RGB or self.other_shape not in SHAPES:
                 raise ValueError(f"unknown other colour/shape {self.other_colour!r}/{self.other_shape!r}")
             if (self.colour, self.shape) == (self.other_colour, self.other_shape):
                 # Two identical objects would make the relation ambiguous.
@@ -93,6 +103,10 @@ class SceneSpec:
         if self.kind == "relation":
             return [(self.colour, self.shape), (self.other_colour, self.other_shape)]
         return [(self.colour, self.shape)]
+
+    def verifiable(self) -> bool:
+        """Every colour is one of COLOURS, the ones the verifier reads (not a training-only extra colour)."""
+        return all(colour in COLOURS for colour, _ in self.pairs())
 
     def normalised(self) -> SceneSpec:
         """Canonical form: relations become "left of" / "above" (objects swapped if needed)."""
@@ -158,6 +172,21 @@ def _train_triples(holdout: Holdout) -> tuple[Triple, ...]:
 
 
 @functools.lru_cache(maxsize=64)
+def _train_pairs_with(holdout: Holdout, extra_colours: tuple[str, ...]) -> tuple[Pair, ...]:
+    unknown = [c for c in extra_colours if c not in EXTRA_COLOUR_RGB]
+    if unknown:
+        raise ValueError(f"unknown extra colour(s) {unknown}, expected some of {list(EXTRA_COLOUR_RGB)}")
+    return _train_pairs(holdout) + tuple((c, s) for c in extra_colours for s in SHAPES)
+
+
+@functools.lru_cache(maxsize=64)
+def _train_triples_with(holdout: Holdout, extra_colours: tuple[str, ...]) -> tuple[Triple, ...]:
+    if not extra_colours:
+        return _train_triples(holdout)
+    return tuple(t for t in _all_triples(_train_pairs_with(holdout, extra_colours)) if t not in holdout.relations)
+
+
+@functools.lru_cache(maxsize=64)
 def _heldout_triples(holdout: Holdout) -> tuple[Triple, ...]:
     return tuple(sorted(holdout.relations))
 
@@ -205,10 +234,12 @@ def sample_spec(
     holdout: Holdout,
     split: Literal["train", "heldout"],
     kind: str | None = None,
+    extra_colours: tuple[str, ...] = (),
 ) -> SceneSpec:
     """Draw a scene spec.
 
-    train:   only training compositions (no held-out pair anywhere, no held-out triple).
+    train:   only training compositions (no held-out pair anywhere, no held-out triple); extra_colours (names of
+             EXTRA_COLOUR_RGB) join the training pairs with every shape.
     heldout: single/count scenes of a held-out pair; relation scenes are held-out triples.
     Relation specs use any of the four relations (not necessarily canonical).
     """
@@ -220,12 +251,12 @@ def sample_spec(
         raise ValueError(f"unknown scene kind {kind!r}")
 
     if kind == "relation":
-        triples = holdout.train_triples() if split == "train" else _heldout_triples(holdout)
+        triples = _train_triples_with(holdout, tuple(extra_colours)) if split == "train" else _heldout_triples(holdout)
         if not triples:
             raise ValueError(f"holdout has no {split} relation triples")
         return _oriented(rng.choice(triples), rng)
 
-    pairs = holdout.train_pairs() if split == "train" else tuple(sorted(holdout.pairs))
+    pairs = _train_pairs_with(holdout, tuple(extra_colours)) if split == "train" else tuple(sorted(holdout.pairs))
     if not pairs:
         raise ValueError(f"holdout has no {split} pairs")
     colour, shape = rng.choice(pairs)
@@ -276,7 +307,7 @@ def _alternation(words) -> str:
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
 
 
-_C = f"({_alternation(COLOURS)})"
+_C = f"({_alternation(PALETTE_RGB)})"
 _S = f"({_alternation(SHAPES)})"
 _P = f"({_alternation(PLURALS.values())})"
 _ARTICLE = "(?:a|an|one|a single)"
@@ -433,7 +464,7 @@ def _draw_scene(objects: list[tuple[Pair, _Box]], width: int, height: int) -> tu
     draw = ImageDraw.Draw(image)
     placed = []
     for (colour, shape), box in objects:
-        _draw_shape(draw, shape, box, COLOUR_RGB[colour])
+        _draw_shape(draw, shape, box, PALETTE_RGB[colour])
         cx, cy = box.centre
         placed.append(PlacedObject(colour, shape, cx, cy, box.side))
     return image, placed
@@ -520,15 +551,15 @@ def _holdout(seed: int) -> Holdout:
     return make_holdout(seed)
 
 
-def render_record(resolution: int, seed: str, holdout_seed: int, ratios: list[str], multiple: int
-                  ) -> tuple[SceneSpec, str, Image.Image, list[list[float]]]:
+def render_record(resolution: int, seed: str, holdout_seed: int, ratios: list[str], multiple: int,
+                  extra_colours: tuple[str, ...] = ()) -> tuple[SceneSpec, str, Image.Image, list[list[float]]]:
     """One training scene (never a held-out composition) from its own seed, rendered natively in a random
     aspect-ratio bucket of the resolution stage: (spec, caption, image, object boxes). The same seed gives the same
     record in any process."""
     from data.buckets import buckets_for
 
     rng = random.Random(seed)
-    spec = sample_spec(rng, _holdout(holdout_seed), "train")
+    spec = sample_spec(rng, _holdout(holdout_seed), "train", extra_colours=tuple(extra_colours))
     text = caption(spec, rng)
     buckets = buckets_for(resolution, ratios, multiple)
     width, height = buckets[rng.randrange(len(buckets))]

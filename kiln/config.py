@@ -124,6 +124,9 @@ class DataConfig(Strict):
     sources: list[SourceConfig] = []
     funnel: FunnelConfig = FunnelConfig()
     holdout_seed: int = 1234
+    # Training-only colours for the synthetic source (names in data/synthetic.py EXTRA_COLOUR_RGB), each drawn with
+    # every shape: more colours per shape for the held-out pairs' sake. Never evaluated; the verifier skips them.
+    extra_colours: list[str] = []
     samples_per_resolution: int = Field(4000, gt=0)
     aspect_ratios: list[str] = ["1:1"]
     max_samples_per_shard: int = Field(1000, gt=0)
@@ -133,6 +136,18 @@ class DataConfig(Strict):
     # Buckets are multiples of this many pixels: a multiple of the VAE factor times the patch (kiln/geometry.py
     # size_multiple: 8 x 2 = 16 for Qwen-Image).
     bucket_multiple: int = Field(16, gt=0)
+
+    @field_validator("extra_colours")
+    @classmethod
+    def _known_extra_colours(cls, colours: list[str]) -> list[str]:
+        from data.synthetic import EXTRA_COLOUR_RGB
+
+        unknown = [c for c in colours if c not in EXTRA_COLOUR_RGB]
+        if unknown:
+            raise ValueError(f"unknown extra colour(s) {unknown}, expected some of {list(EXTRA_COLOUR_RGB)}")
+        if len(set(colours)) != len(colours):
+            raise ValueError(f"extra colours repeat: {colours}")
+        return colours
 
     @field_validator("aspect_ratios")
     @classmethod

@@ -81,7 +81,10 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     torch.manual_seed(cfg.seed)
     images, present, objects, kinds = [], [], [], []
     for sample in iter_samples(Path(inputs["data"]) / "shards", load_images=True):
-        labels = scene_labels(parse_caption(sample["caption"]))
+        spec = parse_caption(sample["caption"])
+        if not spec.verifiable():  # a training-only extra colour has no label (data.extra_colours)
+            continue
+        labels = scene_labels(spec)
         images.append(image_tensor(sample["image"].resize((SIZE, SIZE))))  # FeatureNet's input size
         present.append(labels[0])
         objects.append(labels[1])

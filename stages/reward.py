@@ -41,10 +41,13 @@ def data_records(data_dir: Path, resolution: int, n: int, seed: int, synthetic: 
     """Up to n records (images uint8 (n, 2, 3, H, W), scores (n, 2), [(text_emb, text_mask)]) from the data stage's square
     images at `resolution`: each caption's own image and the next sample's image, scored by the verifier (pairs it
     cannot order are dropped); for captioned images (synthetic False) the caption's own image is the better one."""
+    from data.synthetic import parse_caption
     from reward.verifier import score
 
     samples = []
     for sample in iter_samples(data_dir / "shards", buckets=[(resolution, resolution)], load_images=True):
+        if synthetic and not parse_caption(sample["caption"]).verifiable():  # data.extra_colours: unscorable
+            continue
         samples.append(sample)
         if len(samples) > n:
             break

@@ -139,13 +139,16 @@ def reconstruction_check(cfg, vae, images: list[torch.Tensor], captions: list[st
     Other tasks: nothing (PSNR is their measure)."""
     if cfg.task_kind != "synthetic":
         return {}
+    from data.synthetic import parse_caption
     from reward.verifier import verify
 
     vae.eval()
-    every = max(1, len(images) // RECON_IMAGES)
+    # The verifier reads COLOURS only: training-only extra colours (data.extra_colours) are left out.
+    checked = [(img, text) for img, text in zip(images, captions) if parse_caption(text).verifiable()]
+    every = max(1, len(checked) // RECON_IMAGES)
     verdicts = []
     with torch.no_grad():
-        for img, text in list(zip(images, captions))[::every][:RECON_IMAGES]:
+        for img, text in checked[::every][:RECON_IMAGES]:
             z = vae.encode(img[None, :, None].to(device)).latent_dist.mode()
             recon = vae.decode(z).sample[:, :, 0].cpu()  # (1, 3, H, W)
             verdicts.append(verify(to_pil(recon)[0], text))

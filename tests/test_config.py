@@ -30,6 +30,7 @@ def test_overrides_apply_and_validate():
         ("model.axes_dims_rope=[4,4,4]", ["model", "axes_dims_rope"]),
         ("train.rungs.0.resolution=70", ["multiple of 16"]),
         ("nonsense", ["key.path=value"]),
+        ("data.extra_colours=[red]", ["extra colour", "red", "purple"]),
     ],
 )
 def test_bad_values_are_one_line_errors(override, words):

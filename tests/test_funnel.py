@@ -256,7 +256,7 @@ def test_data_stage_logs_report_dataset_input_and_prefect_artifact(folder, tmp_p
     assert found and "kept" in found[0].description
 
 
-def test_synthetic_source_goes_through_the_funnel(tmp_path):
+def test_synthetic_source_goes_through_the_funnel(tmp_path, monkeypatch):
     """The default source: every scene rendered in a worker, checked by every operator, counted in the report; the
     shards keep what training reads (bucketed native renders, kind, resolution, object boxes, embeddings) and no
     held-out composition."""
@@ -293,6 +293,21 @@ def test_synthetic_source_goes_through_the_funnel(tmp_path):
         assert sample["text_emb"].shape[0] == sample["text_mask"].shape[0] == int(sample["text_mask"].sum())
     assert {s["meta"]["resolution"] for s in samples} == set(resolutions)
     assert (tmp_path / "two" / "uncond.safetensors").exists()
+    # Training-only extra colours join the shards; the verifier-reading consumers leave them out.
+    extra = data.run(load_config("smoke", ["data.funnel.num_proc=1", "data.extra_colours=[purple]"]), {},
+                     tmp_path / "extra", Tracker(None))
+    specs = [parse_caption(s["caption"]) for s in iter_samples(tmp_path / "extra" / "shards", load_images=False)]
+    assert any(not spec.verifiable() for spec in specs) and all(holdout.is_training_spec(spec) for spec in specs)
+    assert extra.content_hash != result.content_hash
+    import reward.verifier
+    from stages.reward import data_records
+
+    def score(image, text):
+        assert parse_caption(text).verifiable(), text
+        return float(np.asarray(image).sum() % 7)  # any order of the two images
+
+    monkeypatch.setattr(reward.verifier, "score", score)
+    data_records(tmp_path / "extra", 32, 40, 0)
     # the same shards from one process (the seed decides every scene, not the worker that rendered it)
     one = data.run(load_config("smoke", ["data.funnel.num_proc=1", "data.funnel.chunk_size=7"]), {},
                    tmp_path / "one", Tracker(None))

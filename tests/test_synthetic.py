@@ -7,6 +7,7 @@ from data.synthetic import (
     BACKGROUND_RGB,
     COLOUR_RGB,
     COLOURS,
+    EXTRA_COLOUR_RGB,
     KINDS,
     RELATIONS,
     SHAPES,
@@ -93,6 +94,33 @@ def test_holdout_is_deterministic_per_seed():
     ]
 
 
+def test_extra_colours_join_training_with_every_shape_and_hold_out_nothing_new(holdout):
+    extra = ("purple", "cyan")
+    rng = random.Random(5)
+    specs = [sample_spec(rng, holdout, "train", extra_colours=extra) for _ in range(3000)]
+    seen = {pair for spec in specs for pair in spec.pairs()}
+    # The training pairs of COLOURS, and every shape of each extra colour: nothing else, no held-out pair.
+    assert seen == set(holdout.train_pairs()) | {(c, s) for c in extra for s in SHAPES}
+    assert not any(spec.kind == "relation" and spec.triple() in holdout.relations for spec in specs)
+    assert any(spec.verifiable() for spec in specs) and not all(spec.verifiable() for spec in specs)
+    assert all(spec.verifiable() == all(c in COLOURS for c, _ in spec.pairs()) for spec in specs)
+    for spec in specs[:300]:
+        assert parse_caption(caption(spec, rng)) == spec.normalised()
+    # No extra colour: the same draws as before the option existed.
+    rng_a, rng_b = random.Random(6), random.Random(6)
+    assert [sample_spec(rng_a, holdout, "train") for _ in range(100)] == \
+        [sample_spec(rng_b, holdout, "train", extra_colours=()) for _ in range(100)]
+    with pytest.raises(ValueError, match="unknown extra colour"):
+        sample_spec(rng, holdout, "train", extra_colours=("red",))
+
+
+def test_extra_colours_render_in_their_own_colour():
+    for colour, rgb in EXTRA_COLOUR_RGB.items():
+        image, placed = render(SceneSpec("single", colour, "square"), 64, 64, random.Random(0))
+        cx, cy = round(placed[0].cx), round(placed[0].cy)
+        assert tuple(np.asarray(image)[cy, cx]) == rgb, colour
+
+
 # --------------------------------------------------------------------------- captions
 
 
@@ -120,7 +148,7 @@ def test_parse_is_tolerant_and_canonical():
 
 @pytest.mark.parametrize(
     "text",
-    ["", "a purple circle", "two red circle", "one red circles", "a red hexagon",
+    ["", "an orange circle", "two red circle", "one red circles", "a red hexagon",
      "five green squares", "a red circle near a blue square", "a red circle left of a red circle"],
 )
 def test_parse_rejects_other_text(text):
