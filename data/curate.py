@@ -153,7 +153,7 @@ def curate(cfg, shard_dir: Path, embed: Callable, progress: bool = True, scorer:
     keys, categories, scored_samples = [], [], set()
 
     synthetic = functools.partial(synthetic_records, resolutions, dcfg.samples_per_resolution, cfg.seed,
-                                  dcfg.holdout_seed, tuple(dcfg.extra_colours))
+                                  dcfg.holdout_seed, tuple(dcfg.extra_colours), tuple(dcfg.extra_shapes))
     records = mixed_records(sources, cfg.seed, funnel.source_failed, synthetic)
     source_cfgs = [src.funnel_config(fcfg) for src in sources]
     tasks = ((chunk, source_cfgs, resolutions, dcfg.aspect_ratios, dcfg.bucket_multiple)

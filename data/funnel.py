@@ -192,7 +192,8 @@ def inspect_record(record: dict, index: int, cfg, resolutions: list[int], ratios
         try:
             spec, out.caption, image, objects = render_record(rendered["resolution"], rendered["seed"],
                                                               rendered["holdout_seed"], ratios, multiple,
-                                                              tuple(rendered.get("extra_colours", ())))
+                                                              tuple(rendered.get("extra_colours", ())),
+                                                              tuple(rendered.get("extra_shapes", ())))
         except Exception as exc:  # noqa: BLE001 - a scene the renderer cannot lay out is unusable, not fatal
             return drop("unreadable", f"render: {type(exc).__name__}: {str(exc)[:80]}")
         out.category = spec.kind

@@ -161,11 +161,12 @@ def iter_unit(src, unit: str, tag: str) -> Iterator[dict]:
 
 
 def synthetic_records(resolutions: list[int], per_resolution: int, seed: int, holdout_seed: int,
-                      extra_colours: tuple[str, ...] = ()) -> Iterator[dict]:
+                      extra_colours: tuple[str, ...] = (), extra_shapes: tuple[str, ...] = ()) -> Iterator[dict]:
     """per_resolution scenes for each resolution stage: a seed each, which the funnel's workers render natively at
     that resolution (data/funnel.py render_synthetic), so records are tiny and rendering runs on every core.
-    extra_colours: training-only colours (data.extra_colours)."""
-    extra = {"extra_colours": list(extra_colours)} if extra_colours else {}
+    extra_colours, extra_shapes: training-only colours and shapes (data.extra_colours, data.extra_shapes)."""
+    extra = {**({"extra_colours": list(extra_colours)} if extra_colours else {}),
+             **({"extra_shapes": list(extra_shapes)} if extra_shapes else {})}
     for resolution in resolutions:
         for i in range(per_resolution):
             yield {"key": f"r{resolution}-{i:07d}", "source": "synthetic",

@@ -52,7 +52,10 @@ EXTRA_COLOUR_RGB = {
 PALETTE_RGB = {**COLOUR_RGB, **EXTRA_COLOUR_RGB}
 
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
-PLURALS = {shape: shape + "s" for shape in SHAPES}
+# Shapes a training set may add (data.extra_shapes), each drawn in every colour: never evaluated, unread by the
+# verifier. Why: a colour seen in more shapes is a colour the model cannot use to guess the shape.
+EXTRA_SHAPES = ("diamond", "cross")
+PLURALS = {shape: shape + "s" for shape in SHAPES} | {"diamond": "diamonds", "cross": "crosses"}
 
 # Each relation paired with the equivalent relation seen from the other object.
 INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -80,7 +83,7 @@ class SceneSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown scene kind {self.kind!r}")
-        if self.colour not in PALETTE_RGB or self.shape not in SHAPES:
+        if self.colour not in PALETTE_RGB or self.shape not in PLURALS:
             raise ValueError(f"unknown colour/shape {self.colour!r}/{self.shape!r}")
         if self.kind == "count":
             if not 2 <= self.count <= 4:
@@ -90,7 +93,7 @@ class SceneSpec:
         if self.kind == "relation":
             if self.relation not in RELATIONS:
                 raise ValueError(f"unknown relation {self.relation!r}")
-            if self.other_colour not in PALETTE_RGB or self.other_shape not in SHAPES:
+            if self.other_colour not in PALETTE_RGB or self.other_shape not in PLURALS:
                 raise ValueError(f"unknown other colour/shape {self.other_colour!r}/{self.other_shape!r}")
             if (self.colour, self.shape) == (self.other_colour, self.other_shape):
                 # Two identical objects would make the relation ambiguous.
@@ -105,8 +108,8 @@ class SceneSpec:
         return [(self.colour, self.shape)]
 
     def verifiable(self) -> bool:
-        """Every colour is one of COLOURS, the ones the verifier reads (not a training-only extra colour)."""
-        return all(colour in COLOURS for colour, _ in self.pairs())
+        """Every colour and shape is one the verifier reads (COLOURS, SHAPES), not a training-only extra."""
+        return all(colour in COLOURS and shape in SHAPES for colour, shape in self.pairs())
 
     def normalised(self) -> SceneSpec:
         """Canonical form: relations become "left of" / "above" (objects swapped if needed)."""
@@ -172,18 +175,26 @@ def _train_triples(holdout: Holdout) -> tuple[Triple, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _train_pairs_with(holdout: Holdout, extra_colours: tuple[str, ...]) -> tuple[Pair, ...]:
+def _train_pairs_with(holdout: Holdout, extra_colours: tuple[str, ...], extra_shapes: tuple[str, ...] = ()
+                      ) -> tuple[Pair, ...]:
+    """The training pairs of COLOURS x SHAPES, then every pair with an extra colour or an extra shape."""
     unknown = [c for c in extra_colours if c not in EXTRA_COLOUR_RGB]
     if unknown:
         raise ValueError(f"unknown extra colour(s) {unknown}, expected some of {list(EXTRA_COLOUR_RGB)}")
-    return _train_pairs(holdout) + tuple((c, s) for c in extra_colours for s in SHAPES)
+    unknown = [s for s in extra_shapes if s not in EXTRA_SHAPES]
+    if unknown:
+        raise ValueError(f"unknown extra shape(s) {unknown}, expected some of {list(EXTRA_SHAPES)}")
+    return _train_pairs(holdout) + tuple((c, s) for c in COLOURS + extra_colours for s in SHAPES + extra_shapes
+                                         if c in extra_colours or s in extra_shapes)
 
 
 @functools.lru_cache(maxsize=64)
-def _train_triples_with(holdout: Holdout, extra_colours: tuple[str, ...]) -> tuple[Triple, ...]:
-    if not extra_colours:
+def _train_triples_with(holdout: Holdout, extra_colours: tuple[str, ...], extra_shapes: tuple[str, ...] = ()
+                        ) -> tuple[Triple, ...]:
+    if not extra_colours and not extra_shapes:
         return _train_triples(holdout)
-    return tuple(t for t in _all_triples(_train_pairs_with(holdout, extra_colours)) if t not in holdout.relations)
+    pairs = _train_pairs_with(holdout, extra_colours, extra_shapes)
+    return tuple(t for t in _all_triples(pairs) if t not in holdout.relations)
 
 
 @functools.lru_cache(maxsize=64)
@@ -235,11 +246,13 @@ def sample_spec(
     split: Literal["train", "heldout"],
     kind: str | None = None,
     extra_colours: tuple[str, ...] = (),
+    extra_shapes: tuple[str, ...] = (),
 ) -> SceneSpec:
     """Draw a scene spec.
 
     train:   only training compositions (no held-out pair anywhere, no held-out triple); extra_colours (names of
-             EXTRA_COLOUR_RGB) join the training pairs with every shape.
+             EXTRA_COLOUR_RGB) join the training pairs with every shape, extra_shapes (of EXTRA_SHAPES) with every
+             colour.
     heldout: single/count scenes of a held-out pair; relation scenes are held-out triples.
     Relation specs use any of the four relations (not necessarily canonical).
     """
@@ -251,12 +264,14 @@ def sample_spec(
         raise ValueError(f"unknown scene kind {kind!r}")
 
     if kind == "relation":
-        triples = _train_triples_with(holdout, tuple(extra_colours)) if split == "train" else _heldout_triples(holdout)
+        triples = _train_triples_with(holdout, tuple(extra_colours), tuple(extra_shapes)) if split == "train" \
+            else _heldout_triples(holdout)
         if not triples:
             raise ValueError(f"holdout has no {split} relation triples")
         return _oriented(rng.choice(triples), rng)
 
-    pairs = _train_pairs_with(holdout, tuple(extra_colours)) if split == "train" else tuple(sorted(holdout.pairs))
+    pairs = _train_pairs_with(holdout, tuple(extra_colours), tuple(extra_shapes)) if split == "train" \
+        else tuple(sorted(holdout.pairs))
     if not pairs:
         raise ValueError(f"holdout has no {split} pairs")
     colour, shape = rng.choice(pairs)
@@ -308,7 +323,7 @@ def _alternation(words) -> str:
 
 
 _C = f"({_alternation(PALETTE_RGB)})"
-_S = f"({_alternation(SHAPES)})"
+_S = f"({_alternation(PLURALS)})"
 _P = f"({_alternation(PLURALS.values())})"
 _ARTICLE = "(?:a|an|one|a single)"
 _PHRASE_TO_RELATION = {p: rel for rel, phrases in RELATION_PHRASES.items() for p in phrases}
@@ -443,8 +458,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: _Box, fill: tuple[in
         draw.ellipse((x0, y0, x1, y1), fill=fill)
     elif shape == "square":
         draw.rectangle((x0, y0, x1, y1), fill=fill)
-    else:  # upward-pointing triangle filling its bounding square
+    elif shape == "triangle":  # upward-pointing, filling its bounding square
         draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    elif shape == "diamond":  # a square on its corner
+        xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
+        draw.polygon([(xm, y0), (x1, ym), (xm, y1), (x0, ym)], fill=fill)
+    else:  # cross: a plus sign with arms a third of the side wide
+        third = box.side / 3
+        draw.rectangle((x0 + third, y0, x1 - third, y1), fill=fill)
+        draw.rectangle((x0, y0 + third, x1, y1 - third), fill=fill)
 
 
 def render(
@@ -552,14 +574,16 @@ def _holdout(seed: int) -> Holdout:
 
 
 def render_record(resolution: int, seed: str, holdout_seed: int, ratios: list[str], multiple: int,
-                  extra_colours: tuple[str, ...] = ()) -> tuple[SceneSpec, str, Image.Image, list[list[float]]]:
+                  extra_colours: tuple[str, ...] = (), extra_shapes: tuple[str, ...] = ()
+                  ) -> tuple[SceneSpec, str, Image.Image, list[list[float]]]:
     """One training scene (never a held-out composition) from its own seed, rendered natively in a random
     aspect-ratio bucket of the resolution stage: (spec, caption, image, object boxes). The same seed gives the same
     record in any process."""
     from data.buckets import buckets_for
 
     rng = random.Random(seed)
-    spec = sample_spec(rng, _holdout(holdout_seed), "train", extra_colours=tuple(extra_colours))
+    spec = sample_spec(rng, _holdout(holdout_seed), "train", extra_colours=tuple(extra_colours),
+                       extra_shapes=tuple(extra_shapes))
     text = caption(spec, rng)
     buckets = buckets_for(resolution, ratios, multiple)
     width, height = buckets[rng.randrange(len(buckets))]

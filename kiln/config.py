@@ -127,6 +127,9 @@ class DataConfig(Strict):
     # Training-only colours for the synthetic source (names in data/synthetic.py EXTRA_COLOUR_RGB), each drawn with
     # every shape: more colours per shape for the held-out pairs' sake. Never evaluated; the verifier skips them.
     extra_colours: list[str] = []
+    # Training-only shapes (data/synthetic.py EXTRA_SHAPES), each drawn in every colour, so that no colour tells the
+    # shape. Never evaluated; the verifier skips them.
+    extra_shapes: list[str] = []
     samples_per_resolution: int = Field(4000, gt=0)
     aspect_ratios: list[str] = ["1:1"]
     max_samples_per_shard: int = Field(1000, gt=0)
@@ -148,6 +151,18 @@ class DataConfig(Strict):
         if len(set(colours)) != len(colours):
             raise ValueError(f"extra colours repeat: {colours}")
         return colours
+
+    @field_validator("extra_shapes")
+    @classmethod
+    def _known_extra_shapes(cls, shapes: list[str]) -> list[str]:
+        from data.synthetic import EXTRA_SHAPES
+
+        unknown = [s for s in shapes if s not in EXTRA_SHAPES]
+        if unknown:
+            raise ValueError(f"unknown extra shape(s) {unknown}, expected some of {list(EXTRA_SHAPES)}")
+        if len(set(shapes)) != len(shapes):
+            raise ValueError(f"extra shapes repeat: {shapes}")
+        return shapes
 
     @field_validator("aspect_ratios")
     @classmethod

@@ -31,6 +31,7 @@ def test_overrides_apply_and_validate():
         ("train.rungs.0.resolution=70", ["multiple of 16"]),
         ("nonsense", ["key.path=value"]),
         ("data.extra_colours=[red]", ["extra colour", "red", "purple"]),
+        ("data.extra_shapes=[circle]", ["extra shape", "circle", "diamond"]),
     ],
 )
 def test_bad_values_are_one_line_errors(override, words):

@@ -8,6 +8,7 @@ from data.synthetic import (
     COLOUR_RGB,
     COLOURS,
     EXTRA_COLOUR_RGB,
+    EXTRA_SHAPES,
     KINDS,
     RELATIONS,
     SHAPES,
@@ -112,6 +113,39 @@ def test_extra_colours_join_training_with_every_shape_and_hold_out_nothing_new(h
         [sample_spec(rng_b, holdout, "train", extra_colours=()) for _ in range(100)]
     with pytest.raises(ValueError, match="unknown extra colour"):
         sample_spec(rng, holdout, "train", extra_colours=("red",))
+
+
+def test_extra_shapes_join_training_in_every_colour(holdout):
+    rng = random.Random(7)
+    specs = [sample_spec(rng, holdout, "train", extra_colours=("pink",), extra_shapes=EXTRA_SHAPES)
+             for _ in range(4000)]
+    seen = {pair for spec in specs for pair in spec.pairs()}
+    shapes = SHAPES + EXTRA_SHAPES
+    assert seen == set(holdout.train_pairs()) | {(c, s) for c in COLOURS + ("pink",) for s in shapes
+                                                 if c == "pink" or s in EXTRA_SHAPES}
+    assert not seen & holdout.pairs
+    for spec in specs[:300]:
+        assert parse_caption(caption(spec, rng)) == spec.normalised()
+    assert parse_caption("three green crosses") == SceneSpec("count", "green", "cross", 3)
+    assert not SceneSpec("single", "red", "diamond").verifiable() and SceneSpec("single", "red", "circle").verifiable()
+    with pytest.raises(ValueError, match="unknown extra shape"):
+        sample_spec(rng, holdout, "train", extra_shapes=("circle",))
+
+
+@pytest.mark.parametrize("shape, inside, outside", [
+    ("diamond", [(0.5, 0.5), (0.5, 0.1), (0.9, 0.5)], [(0.1, 0.1), (0.9, 0.9)]),
+    ("cross", [(0.5, 0.5), (0.5, 0.05), (0.05, 0.5)], [(0.1, 0.1), (0.9, 0.9)]),
+])
+def test_extra_shapes_are_drawn_as_named(shape, inside, outside):
+    image, placed = render(SceneSpec("single", "red", shape), 96, 96, random.Random(1))
+    pixels, obj = np.asarray(image), placed[0]
+    x0, y0 = obj.cx - (obj.size - 1) / 2, obj.cy - (obj.size - 1) / 2
+
+    def at(fx, fy):
+        return tuple(pixels[round(y0 + fy * (obj.size - 1)), round(x0 + fx * (obj.size - 1))])
+
+    assert all(at(*p) == COLOUR_RGB["red"] for p in inside)
+    assert all(at(*p) == BACKGROUND_RGB for p in outside)
 
 
 def test_extra_colours_render_in_their_own_colour():
