@@ -82,7 +82,7 @@ def run(cfg, inputs: dict, out_dir: Path, tracker) -> StageResult:
     images, present, objects, kinds = [], [], [], []
     for sample in iter_samples(Path(inputs["data"]) / "shards", load_images=True):
         spec = parse_caption(sample["caption"])
-        if not spec.verifiable():  # a training-only extra colour has no label (data.extra_colours)
+        if not spec.verifiable():  # a training-only extra colour or shape has no label (data.extra_*)
             continue
         labels = scene_labels(spec)
         images.append(image_tensor(sample["image"].resize((SIZE, SIZE))))  # FeatureNet's input size

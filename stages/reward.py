@@ -46,7 +46,7 @@ def data_records(data_dir: Path, resolution: int, n: int, seed: int, synthetic: 
 
     samples = []
     for sample in iter_samples(data_dir / "shards", buckets=[(resolution, resolution)], load_images=True):
-        if synthetic and not parse_caption(sample["caption"]).verifiable():  # data.extra_colours: unscorable
+        if synthetic and not parse_caption(sample["caption"]).verifiable():  # data.extra_colours/shapes: unscorable
             continue
         samples.append(sample)
         if len(samples) > n:

@@ -143,7 +143,7 @@ def reconstruction_check(cfg, vae, images: list[torch.Tensor], captions: list[st
     from reward.verifier import verify
 
     vae.eval()
-    # The verifier reads COLOURS only: training-only extra colours (data.extra_colours) are left out.
+    # The verifier reads COLOURS and SHAPES only: training-only extras (data.extra_colours, extra_shapes) are left out.
     checked = [(img, text) for img, text in zip(images, captions) if parse_caption(text).verifiable()]
     every = max(1, len(checked) // RECON_IMAGES)
     verdicts = []

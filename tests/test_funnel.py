@@ -308,6 +308,10 @@ def test_synthetic_source_goes_through_the_funnel(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reward.verifier, "score", score)
     data_records(tmp_path / "extra", 32, 40, 0)
+    from stages import features  # its labels are COLOURS x SHAPES: it trains on the verifiable scenes alone
+    (tmp_path / "features").mkdir()
+    features.run(load_config("smoke", ["features.steps=2"]), {"data": tmp_path / "extra"}, tmp_path / "features",
+                 Tracker(None))
     # the same shards from one process (the seed decides every scene, not the worker that rendered it)
     one = data.run(load_config("smoke", ["data.funnel.num_proc=1", "data.funnel.chunk_size=7"]), {},
                    tmp_path / "one", Tracker(None))
