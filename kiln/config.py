@@ -140,29 +140,19 @@ class DataConfig(Strict):
     # size_multiple: 8 x 2 = 16 for Qwen-Image).
     bucket_multiple: int = Field(16, gt=0)
 
-    @field_validator("extra_colours")
+    @field_validator("extra_colours", "extra_shapes")
     @classmethod
-    def _known_extra_colours(cls, colours: list[str]) -> list[str]:
-        from data.synthetic import EXTRA_COLOUR_RGB
+    def _known_extras(cls, names: list[str], info) -> list[str]:
+        from data.synthetic import EXTRA_COLOUR_RGB, EXTRA_SHAPES
 
-        unknown = [c for c in colours if c not in EXTRA_COLOUR_RGB]
+        kind, known = ("colour", list(EXTRA_COLOUR_RGB)) if info.field_name == "extra_colours" else \
+            ("shape", list(EXTRA_SHAPES))
+        unknown = [n for n in names if n not in known]
         if unknown:
-            raise ValueError(f"unknown extra colour(s) {unknown}, expected some of {list(EXTRA_COLOUR_RGB)}")
-        if len(set(colours)) != len(colours):
-            raise ValueError(f"extra colours repeat: {colours}")
-        return colours
-
-    @field_validator("extra_shapes")
-    @classmethod
-    def _known_extra_shapes(cls, shapes: list[str]) -> list[str]:
-        from data.synthetic import EXTRA_SHAPES
-
-        unknown = [s for s in shapes if s not in EXTRA_SHAPES]
-        if unknown:
-            raise ValueError(f"unknown extra shape(s) {unknown}, expected some of {list(EXTRA_SHAPES)}")
-        if len(set(shapes)) != len(shapes):
-            raise ValueError(f"extra shapes repeat: {shapes}")
-        return shapes
+            raise ValueError(f"unknown extra {kind}(s) {unknown}, expected some of {known}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"extra {kind}s repeat: {names}")
+        return names
 
     @field_validator("aspect_ratios")
     @classmethod
