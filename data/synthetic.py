@@ -191,9 +191,7 @@ def _train_pairs_with(holdout: Holdout, extra_colours: tuple[str, ...], extra_sh
 @functools.lru_cache(maxsize=64)
 def _train_triples_with(holdout: Holdout, extra_colours: tuple[str, ...], extra_shapes: tuple[str, ...] = ()
                         ) -> tuple[Triple, ...]:
-    if not extra_colours and not extra_shapes:
-        return _train_triples(holdout)
-    pairs = _train_pairs_with(holdout, extra_colours, extra_shapes)
+    pairs = _train_pairs_with(holdout, extra_colours, extra_shapes)  # no extras: _train_pairs(holdout), same order
     return tuple(t for t in _all_triples(pairs) if t not in holdout.relations)
 
 
